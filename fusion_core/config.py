@@ -1,0 +1,342 @@
+"""Typed pipeline configuration, read from YAML.
+
+Every section is a frozen pydantic v2 model that forbids unknown keys, so a typo is an error
+with its field path, not a silently ignored setting. Relative paths are resolved against the
+folder of the YAML file (passed as validation context), so a config means the same thing
+wherever the command is started from.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator,
+)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _resolve(value: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    value = Path(value).expanduser()
+    if not value.is_absolute() and base is not None:
+        value = Path(base) / value
+    return value
+
+
+def _check_paths(info: ValidationInfo) -> bool:
+    return bool((info.context or {}).get("check_paths", True))
+
+
+# ---------------------------------------------------------------- models
+
+class HFModelRef(Section):
+    """A local Hugging Face model folder (config.json + weights + tokenizer)."""
+
+    kind: Literal["hf"] = "hf"
+    path: Path
+    allow_pickle: bool = Field(False, description="load .bin (pickle) weights; off: safetensors only")
+    trust_remote_code: bool = False
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, v: Path, info: ValidationInfo) -> Path:
+        v = _resolve(v, info)
+        if _check_paths(info):
+            if not v.is_dir():
+                raise ValueError(f"model folder not found: {v}")
+            if not (v / "config.json").is_file():
+                raise ValueError(f"not a model folder (no config.json): {v}")
+        return v
+
+
+class GGUFModelRef(Section):
+    """A GGUF file, dequantised to fp32 through transformers and cached as safetensors."""
+
+    kind: Literal["gguf"] = "gguf"
+    path: Path
+    bos_token: str | None = Field(None, description="override the start token documents are scored after")
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, v: Path, info: ValidationInfo) -> Path:
+        v = _resolve(v, info)
+        if _check_paths(info) and not v.is_file():
+            raise ValueError(f"GGUF file not found: {v}")
+        return v
+
+
+class PackageModelRef(Section):
+    """A model shipped inside an installed Python package, by package name."""
+
+    kind: Literal["package"] = "package"
+    package: str
+
+    @field_validator("package")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from fusion_core.models import PACKAGED_MODELS
+
+        if v not in PACKAGED_MODELS:
+            raise ValueError(f"unknown packaged model {v!r}; known: {sorted(PACKAGED_MODELS)}")
+        return v
+
+
+class RecipeModelRef(Section):
+    """A model this project builds itself (the demo's specialists and target), cached in the workspace."""
+
+    kind: Literal["recipe"] = "recipe"
+    recipe: str
+    seed: int = 0
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+ModelRef = Annotated[
+    Union[HFModelRef, GGUFModelRef, PackageModelRef, RecipeModelRef], Field(discriminator="kind")
+]
+
+
+class SourceConfig(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    model: ModelRef
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class TargetConfig(Section):
+    name: str = Field("target", pattern=r"^[A-Za-z0-9_.-]+$")
+    model: ModelRef
+
+
+# ---------------------------------------------------------------- stages
+
+class CorpusConfig(Section):
+    """One corpus: a local file or folder (jsonl, parquet, txt), or a corpus the project generates."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    domain: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    path: Path | None = None
+    builtin: str | None = Field(None, description="a generated corpus: 'demo:<domain>'")
+    format: Literal["auto", "jsonl", "parquet", "text"] = "auto"
+    text_field: str = "text"
+    max_documents: int | None = Field(None, gt=0)
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        if v is None:
+            return v
+        v = _resolve(v, info)
+        if _check_paths(info) and not v.exists():
+            raise ValueError(f"corpus path not found: {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "CorpusConfig":
+        if (self.path is None) == (self.builtin is None):
+            raise ValueError("give exactly one of 'path' or 'builtin'")
+        return self
+
+
+class DataConfig(Section):
+    corpora: list[CorpusConfig] = Field(min_length=1)
+    max_length: int = Field(256, ge=16, description="tokens per chunk, in EVERY tokenizer involved")
+    min_chars: int = Field(20, ge=1, description="drop documents shorter than this after cleaning")
+    validation_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _unique(self) -> "DataConfig":
+        names = [c.name for c in self.corpora]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"corpus names must be unique; repeated: {dup}")
+        return self
+
+
+class AlignmentConfig(Section):
+    method: Literal["offsets", "dtw"] = Field(
+        "offsets", description="offsets: character offsets (DTW fallback for tokenizers without them)")
+
+
+class TeacherConfig(Section):
+    top_k: int = Field(10, ge=1, le=64)
+    temperature: float = Field(1.0, gt=0)
+    batch_size: int = Field(8, ge=1)
+    docs_per_shard: int = Field(64, ge=1)
+    device: str = "auto"
+    threads: int | None = Field(None, ge=1)
+
+
+class TrainingConfig(Section):
+    steps: int = Field(200, ge=1)
+    micro_batch_size: int = Field(8, ge=1)
+    gradient_accumulation: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    gradient_clipping: float = Field(1.0, ge=0)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    checkpoint_every: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)
+    seed: int = 0
+    threads: int | None = Field(None, ge=1)
+
+
+class FusionConfig(Section):
+    strategy: Literal["min_ce", "avg_ce", "single", "clm"] = "min_ce"
+    single_source: str | None = Field(None, description="the source used by strategy 'single'")
+    clm_weight: float = Field(0.9, ge=0, le=1, description="lambda in lambda*L_CLM + (1-lambda)*L_KD")
+    temperature: float = Field(1.0, gt=0)
+    training: TrainingConfig = TrainingConfig()
+
+
+class EvaluationConfig(Section):
+    lm_eval_tasks: list[str] = Field(default_factory=lambda: ["fusion_prose_mc", "fusion_code_mc", "fusion_arith_mc",
+                                                             "fusion_arith_gen"])
+    limit: int | None = Field(None, gt=0, description="items per lm-eval task (None: all)")
+    num_fewshot: int | None = Field(None, ge=0)
+    batch_size: int = Field(8, ge=1)
+    perplexity: bool = True
+    device: str = "auto"
+
+
+class TrackingConfig(Section):
+    tracking_uri: str | None = Field(None, description="None: embedded SQLite + artifact folder in the workspace")
+    experiment: str = "llm-fusion"
+    registered_model: str = Field("fused-target", pattern=r"^[A-Za-z0-9_.-]+$")
+
+
+class WorkspaceConfig(Section):
+    root: Path = Path("workspace")
+    model_cache: Path | None = Field(None, description="converted/built models; default <root>/models")
+
+    @field_validator("root", "model_cache")
+    @classmethod
+    def _abs(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        return None if v is None else _resolve(v, info)
+
+    @property
+    def models_dir(self) -> Path:
+        return self.model_cache or self.root / "models"
+
+
+class PipelineConfig(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    workspace: WorkspaceConfig = WorkspaceConfig()
+    data: DataConfig
+    sources: list[SourceConfig] = Field(min_length=1)
+    target: TargetConfig
+    alignment: AlignmentConfig = AlignmentConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    fusion: FusionConfig = FusionConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "PipelineConfig":
+        names = [s.name for s in self.sources]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"source names must be unique; repeated: {dup}")
+        if self.target.name in names:
+            raise ValueError(f"target name {self.target.name!r} is also a source name")
+        if self.fusion.strategy == "single":
+            if self.fusion.single_source is None:
+                raise ValueError("fusion.single_source is required when fusion.strategy is 'single'")
+            if self.fusion.single_source not in names:
+                raise ValueError(f"fusion.single_source {self.fusion.single_source!r} is not a source; sources: {names}")
+        return self
+
+
+# ---------------------------------------------------------------- loading
+
+class ConfigError(Exception):
+    """A config that cannot be used. `problems` holds (field path, message) pairs."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]):
+        self.source = source
+        self.problems = problems
+        lines = [f"{source}: {len(problems)} problem(s)"] + [f"  {loc}: {msg}" for loc, msg in problems]
+        super().__init__("\n".join(lines))
+
+
+def _loc(parts: tuple) -> str:
+    out = ""
+    for p in parts:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        else:
+            out += ("." if out else "") + str(p)
+    return out or "(top level)"
+
+
+def _problems(err: ValidationError) -> list[tuple[str, str]]:
+    problems = []
+    for e in err.errors(include_url=False):
+        # Tagged unions put the tag in the location (sources[0].model.hf.path): drop it.
+        loc = tuple(p for p in e["loc"] if p not in ("hf", "gguf", "package", "recipe"))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        problems.append((_loc(loc), msg))
+    return problems
+
+
+def parse_config(data: Any, *, base_dir: Path | None = None, source: str = "<config>",
+                 check_paths: bool = True) -> PipelineConfig:
+    """Validate a mapping into a PipelineConfig. Raises ConfigError listing every problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(source, [("(top level)", "expected a mapping of sections")])
+    try:
+        return PipelineConfig.model_validate(data, context={"base_dir": base_dir, "check_paths": check_paths})
+    except ValidationError as err:
+        raise ConfigError(source, _problems(err)) from None
+
+
+def load_config(path: Path | str, *, check_paths: bool = True) -> PipelineConfig:
+    """Read and validate a YAML pipeline config. Raises ConfigError (file, YAML or field problems)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), [("(file)", "config file not found")])
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), [("(file)", f"not valid YAML: {exc}")]) from None
+    return parse_config(data, base_dir=path.resolve().parent, source=str(path), check_paths=check_paths)
+
+
+def config_to_yaml(cfg: PipelineConfig) -> str:
+    """The resolved config (defaults filled, paths absolute) as YAML."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts/lists -> {"a.b[0].c": value} with scalar leaves (for MLflow params)."""
+    out: dict[str, Any] = {}
+    if isinstance(data, dict):
+        for k, v in data.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(data, (list, tuple)):
+        if not data:
+            out[prefix] = "[]"
+        for i, v in enumerate(data):
+            out.update(flatten(v, f"{prefix}.{i}"))
+    else:
+        out[prefix] = data
+    return out
+
+
+def json_schema() -> dict:
+    """The JSON Schema of a pipeline config, for editor completion."""
+    return PipelineConfig.model_json_schema()

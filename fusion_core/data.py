@@ -1,0 +1,221 @@
+"""prepare_data: corpora -> cleaned, chunked, split documents with a domain label.
+
+Reads local jsonl / parquet / text folders, cleans the text, drops short and duplicate
+documents, splits whole documents deterministically into train/validation (so chunks of one
+document never straddle the split), and cuts long documents along line breaks so that every
+chunk fits `max_length` tokens (start token included) in EVERY tokenizer involved.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text"}
+
+
+class DataError(ValueError):
+    """A corpus that cannot be used; the message names it."""
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str
+    domain: str
+    text: str
+
+
+def write_documents(path: Path, docs: Iterable[Document]) -> int:
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps(asdict(d), ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def read_documents(path: Path) -> list[Document]:
+    with open(path, encoding="utf-8") as f:
+        return [Document(**json.loads(line)) for line in f if line.strip()]
+
+
+# ---------------------------------------------------------------- reading
+
+def _detect_format(path: Path) -> str:
+    if path.is_dir():
+        return "text"
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return "jsonl"
+    if suffix == ".parquet":
+        return "parquet"
+    return "text"
+
+
+def read_corpus_texts(path: Path, fmt: str = "auto", text_field: str = "text", name: str = "") -> list[str]:
+    """Raw texts of one corpus. Raises DataError naming the corpus and file when it cannot be read."""
+    path = Path(path)
+    label = f"corpus {name!r} ({path})" if name else str(path)
+    if not path.exists():
+        raise DataError(f"{label}: path not found")
+    fmt = _detect_format(path) if fmt == "auto" else fmt
+    if fmt == "jsonl":
+        files = sorted(path.rglob("*.jsonl")) if path.is_dir() else [path]
+        texts = []
+        for fp in files:
+            with open(fp, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except ValueError as exc:
+                        raise DataError(f"{label}: {fp}:{lineno}: not valid JSON ({exc})") from None
+                    if not isinstance(row, dict) or text_field not in row:
+                        raise DataError(f"{label}: {fp}:{lineno}: no field {text_field!r}")
+                    if not isinstance(row[text_field], str):
+                        raise DataError(f"{label}: {fp}:{lineno}: field {text_field!r} is not a string")
+                    texts.append(row[text_field])
+        return texts
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+        texts = []
+        for fp in files:
+            try:
+                table = pq.read_table(fp, columns=[text_field])
+            except Exception as exc:
+                raise DataError(f"{label}: {fp}: cannot read column {text_field!r} ({exc})") from None
+            texts.extend(str(t) for t in table.column(text_field).to_pylist() if t is not None)
+        return texts
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES) \
+        if path.is_dir() else [path]
+    texts = []
+    for fp in files:
+        try:
+            texts.append(fp.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise DataError(f"{label}: {fp}: not UTF-8 text") from None
+    return texts
+
+
+# ---------------------------------------------------------------- cleaning
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\u200b\ufeff]")
+_BLANKS = re.compile(r"\n{3,}")
+
+
+def clean_text(text: str) -> str:
+    """NFC, unix newlines, no control characters, no trailing spaces, at most one blank line in a row."""
+    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
+    text = _CONTROL.sub("", text.replace("\t", "    "))
+    text = "\n".join(line.rstrip() for line in text.split("\n"))
+    return _BLANKS.sub("\n\n", text).strip("\n").rstrip()
+
+
+# ---------------------------------------------------------------- chunking
+
+def _token_count(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def chunk_text(text: str, tokenizers: Sequence, max_tokens: int) -> list[str]:
+    """Cut `text` into pieces that each fit `max_tokens` tokens in every tokenizer.
+
+    Cuts fall on line breaks where possible, else on spaces, else anywhere. The pieces
+    concatenate back to the text (the cut characters stay at the end of the earlier piece).
+    Raises DataError when max_tokens < 1.
+    """
+    if max_tokens < 1:
+        raise DataError("max_tokens must be at least 1")
+    if not tokenizers or max(_token_count(t, text) for t in tokenizers) <= max_tokens:
+        return [text]
+    chunks, start = [], 0
+    while start < len(text):
+        # The furthest end each tokenizer allows, from its offsets, then the nearest line break.
+        limit = len(text)
+        for tok in tokenizers:
+            enc = tok(text[start:], add_special_tokens=False, return_offsets_mapping=True)
+            offs = enc["offset_mapping"]
+            if len(offs) > max_tokens:
+                limit = min(limit, start + offs[max_tokens - 1][1])
+        end = limit
+        while True:
+            piece = text[start:end]
+            if end < len(text):
+                cut = piece.rfind("\n")
+                if cut < len(piece) // 4:
+                    cut = piece.rfind(" ")
+                if cut >= len(piece) // 4 and cut > 0:
+                    end = start + cut + 1
+                    piece = text[start:end]
+            if max(_token_count(t, piece) for t in tokenizers) <= max_tokens or end - start <= 1:
+                break
+            end = start + max(1, int((end - start) * 0.9))
+        chunks.append(piece)
+        start = end
+    return chunks
+
+
+# ---------------------------------------------------------------- the stage
+
+def _split_value(seed: int, doc_key: str) -> float:
+    h = hashlib.sha256(f"{seed}:{doc_key}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64
+
+
+@dataclass
+class PreparedCorpus:
+    train: list[Document]
+    validation: list[Document]
+    stats: dict[str, float]
+
+
+def prepare_documents(corpora: Sequence[tuple[str, str, list[str]]], *, tokenizers: Sequence, max_length: int,
+                      min_chars: int, validation_fraction: float, seed: int) -> PreparedCorpus:
+    """Clean, deduplicate, split and chunk.
+
+    corpora: (corpus name, domain, raw texts). max_length counts the start token, so chunks get
+    max_length - 1 text tokens. Raises DataError when a corpus has no usable document.
+    """
+    seen: set[str] = set()
+    train, validation = [], []
+    stats: Counter = Counter()
+    for name, domain, texts in corpora:
+        kept = 0
+        for i, raw in enumerate(texts):
+            text = clean_text(raw)
+            if len(text) < min_chars:
+                stats["dropped_short"] += 1
+                continue
+            digest = hashlib.sha256(text.encode()).hexdigest()
+            if digest in seen:
+                stats["dropped_duplicate"] += 1
+                continue
+            seen.add(digest)
+            kept += 1
+            doc_id = f"{name}-{i:06d}"
+            split = validation if _split_value(seed, digest) < validation_fraction else train
+            for j, piece in enumerate(chunk_text(text, tokenizers, max_length - 1)):
+                if len(piece.strip()) >= min(min_chars, 8):
+                    split.append(Document(id=f"{doc_id}-{j:03d}", domain=domain, text=piece))
+        if kept == 0:
+            raise DataError(f"corpus {name!r} has no documents of at least {min_chars} characters after cleaning")
+        stats[f"documents.{domain}"] += kept
+    if not train:
+        raise DataError("no training documents: every document went to validation (lower validation_fraction)")
+    per_domain: dict[str, int] = defaultdict(int)
+    for d in train:
+        per_domain[d.domain] += len(d.text)
+    out = dict(stats)
+    out.update({"train_chunks": len(train), "validation_chunks": len(validation),
+                "train_chars": sum(len(d.text) for d in train),
+                "validation_chars": sum(len(d.text) for d in validation)})
+    out.update({f"train_chars.{k}": v for k, v in per_domain.items()})
+    return PreparedCorpus(train=train, validation=validation, stats=out)
