@@ -1,0 +1,83 @@
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fusion_core.data import Document
+from fusion_core.teacher import (
+    id_dtype, merge_duplicates, project_to_target, read_shards, run_teacher, score_documents,
+)
+from fusion_core.tokenization import encode_document
+
+TEXTS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog.", "12 + 35 = 47"]
+
+
+@pytest.fixture(scope="module")
+def byte_model(tiny_models):
+    path = tiny_models["byte_level"]
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def test_scores_equal_direct_computation(byte_model):
+    model, tok = byte_model
+    scores = score_documents(model, tok, TEXTS, top_k=5, batch_size=2)
+    for text, sc in zip(TEXTS, scores):
+        ids = torch.as_tensor(encode_document(tok, text).ids)[None]
+        with torch.no_grad():
+            out = model(input_ids=ids, labels=ids)
+        lp, top = torch.topk(torch.log_softmax(out.logits[0], -1), 5)
+        np.testing.assert_array_equal(sc.topk_ids, top.numpy())
+        np.testing.assert_allclose(sc.topk_logprobs, lp.numpy(), atol=1e-5)
+        # Per-sequence CE is the model's own loss (mean next-token CE).
+        assert sc.seq_ce == pytest.approx(out.loss.item(), abs=1e-5)
+
+
+def test_merge_duplicates_uses_log_sum_exp():
+    ids = np.array([[5, 3, 5, 7], [1, 1, 1, 1]])
+    lp = np.log(np.array([[0.4, 0.3, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25]]))
+    m_ids, m_lp = merge_duplicates(ids, lp.astype(np.float32))
+    np.testing.assert_array_equal(m_ids[0, :3], [5, 3, 7])
+    np.testing.assert_allclose(np.exp(m_lp[0, :3]), [0.6, 0.3, 0.1], atol=1e-6)
+    assert m_ids[1, 0] == 1 and np.exp(m_lp[1, 0]) == pytest.approx(1.0, abs=1e-6)
+    assert np.all(np.isneginf(m_lp[1, 1:])) and np.all(m_ids[1, 1:] == 0)
+
+
+def test_unaligned_positions_get_the_next_token_one_hot(byte_model):
+    model, tok = byte_model
+    text = TEXTS[0]
+    target = encode_document(tok, text)
+    sc = score_documents(model, tok, [text], top_k=4)[0]
+    n = len(target)
+    tgt_to_src = np.arange(n)
+    tgt_to_src[2] = -1
+    identity = np.arange(len(tok))
+    rec = project_to_target(sc, tgt_to_src, target, identity)
+    assert not rec.aligned[2] and rec.ids[2, 0] == target.ids[3] and rec.logprobs[2, 0] == 0.0
+    assert rec.aligned[0] and np.array_equal(rec.ids[0], sc.topk_ids[0])
+    assert not rec.aligned[-1]  # the last position predicts nothing
+
+
+def test_shards_round_trip_compactly(byte_model, tmp_path):
+    model, tok = byte_model
+    docs = [Document(id=f"d{i}", domain="code" if i % 2 else "prose", text=t) for i, t in enumerate(TEXTS * 2)]
+    align = {d.id: np.arange(len(encode_document(tok, d.text))) for d in docs}
+    stats = run_teacher(model, tok, tok, docs, align, np.arange(len(tok)), tmp_path, top_k=4, temperature=1.0,
+                        batch_size=3, docs_per_shard=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-00000.parquet", "shard-00001.parquet"]
+    recs = read_shards(tmp_path)
+    assert set(recs) == {d.id for d in docs}
+    direct = score_documents(model, tok, [docs[1].text], top_k=4)[0]
+    np.testing.assert_array_equal(recs["d1"].ids[:-1], direct.topk_ids[:-1])
+    np.testing.assert_allclose(recs["d1"].logprobs[:-1], direct.topk_logprobs[:-1], atol=2e-3)  # float16
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(tmp_path / "shard-00000.parquet")
+    assert str(schema.field("ids").type) == "list<element: uint16>"
+    assert str(schema.field("logprobs").type) == "list<element: halffloat>"
+    assert stats.target_positions == sum(len(encode_document(tok, d.text)) for d in docs)
+    assert set(stats.ce_by_domain) == {"code", "prose"}
+
+
+def test_id_dtype_is_narrowest():
+    assert id_dtype(256) == np.uint8 and id_dtype(257) == np.uint16 and id_dtype(49152) == np.uint16
+    assert id_dtype(70000) == np.uint32
