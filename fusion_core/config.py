@@ -7,10 +7,12 @@ wherever the command is started from.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
+from fusion_core.errors import FusionError
 from pydantic import (
     BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator,
 )
@@ -25,7 +27,8 @@ def _resolve(value: Path, info: ValidationInfo) -> Path:
     value = Path(value).expanduser()
     if not value.is_absolute() and base is not None:
         value = Path(base) / value
-    return value
+    # Normalise '..' without resolving symlinks, so paths in logs and fingerprints read plainly.
+    return Path(os.path.normpath(value)) if value.is_absolute() else value
 
 
 def _check_paths(info: ValidationInfo) -> bool:
@@ -119,7 +122,8 @@ class CorpusConfig(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     domain: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     path: Path | None = None
-    builtin: str | None = Field(None, description="a generated corpus: 'demo:<domain>'")
+    builtin: str | None = Field(None, pattern=r"^demo:(prose|code|arithmetic)$",
+                                description="a corpus the project generates: 'demo:prose', 'demo:code', 'demo:arithmetic'")
     format: Literal["auto", "jsonl", "parquet", "text"] = "auto"
     text_field: str = "text"
     max_documents: int | None = Field(None, gt=0)
@@ -259,7 +263,7 @@ class PipelineConfig(Section):
 
 # ---------------------------------------------------------------- loading
 
-class ConfigError(Exception):
+class ConfigError(FusionError):
     """A config that cannot be used. `problems` holds (field path, message) pairs."""
 
     def __init__(self, source: str, problems: list[tuple[str, str]]):

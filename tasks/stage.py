@@ -1,0 +1,102 @@
+"""What every stage task shares: its context, the reuse-or-build rule, and its MLflow run."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from fusion_core.config import PipelineConfig
+from fusion_core.workspace import StageOutput, fingerprint
+from tasks.tracking import TrackingContext, clean_metrics, log_dict_artifact, safe_params, stage_run
+
+# Bump a stage's version when its output format or meaning changes: old outputs are then
+# not reused (the version is part of the stage fingerprint).
+STAGE_VERSIONS = {
+    "prepare_data": 1,
+    "align_vocabularies": 1,
+    "teacher_inference": 1,
+    "fusion_training": 1,
+    "evaluate": 1,
+}
+STAGES = tuple(STAGE_VERSIONS)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A source or the target, resolved to a local HF folder and a content key."""
+
+    name: str
+    role: str  # "source" | "target"
+    path: Path
+    key: str
+
+
+@dataclass(frozen=True)
+class RunContext:
+    config: PipelineConfig
+    tracking: TrackingContext
+    sources: tuple[ResolvedModel, ...]
+    target: ResolvedModel
+    force_stages: frozenset[str] = frozenset()
+    config_fingerprint: str = ""
+
+
+@dataclass(frozen=True)
+class StageResult:
+    stage: str
+    key: str
+    path: Path
+    reused: bool
+    metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def stage_key(stage: str, section: Any, *inputs: Any) -> str:
+    return fingerprint(stage, STAGE_VERSIONS[stage], section, *inputs)
+
+
+def run_stage(ctx: RunContext, stage: str, key: str, section: Any, build: Callable[[Path, dict], dict[str, float]],
+              logger, after: Callable[[StageResult], None] | None = None) -> StageResult:
+    """Reuse the stage's complete output for `key`, or build it; log either way in a nested run.
+
+    build(tmp_dir, meta) writes the outputs into tmp_dir and returns metrics; it may add to
+    meta (kept in the manifest). `after(result)` runs inside the stage's MLflow run.
+    """
+    out = StageOutput(ctx.config.workspace.root, stage, key)
+    forced = stage in ctx.force_stages
+    with stage_run(ctx.tracking, stage, tags={"stage_key": key}) as run:
+        import mlflow
+
+        mlflow.log_params(safe_params({stage: section}) if section is not None else {})
+        start = time.perf_counter()
+        if out.complete() and not forced:
+            meta = out.meta
+            metrics = meta.get("metrics", {})
+            logger.info(f"{stage}: reusing completed output {key} ({out.path})")
+            mlflow.set_tags({"reused": "true", "reused_from_run": meta.get("mlflow_run_id", "")})
+            result = StageResult(stage, key, out.path, True, metrics, time.perf_counter() - start)
+        else:
+            if forced and out.path.exists():
+                logger.info(f"{stage}: recomputing {key} (forced)")
+            else:
+                logger.info(f"{stage}: computing {key}")
+            meta: dict[str, Any] = {"mlflow_run_id": run.info.run_id}
+            with out.building(meta) as tmp:
+                metrics = build(tmp, meta)
+                meta["metrics"] = clean_metrics(metrics)
+            mlflow.set_tag("reused", "false")
+            result = StageResult(stage, key, out.path, False, meta["metrics"], time.perf_counter() - start)
+            logger.info(f"{stage}: done in {result.seconds:.1f} s")
+        mlflow.log_metrics(clean_metrics(result.metrics))
+        mlflow.log_metric("stage_seconds", result.seconds)
+        log_dict_artifact({"stage": stage, "key": key, "path": str(out.path), "reused": result.reused,
+                           "metrics": result.metrics}, f"{stage}.json")
+        if after is not None:
+            after(result)
+        return result
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,87 @@
+"""MLflow around the stages: embedded tracking by default, one parent run, a nested run per stage."""
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from fusion_core.config import PipelineConfig, flatten
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_\-./ ]")
+
+
+def tracking_uri(cfg: PipelineConfig) -> str:
+    """The config's tracking URI, or the embedded default: a SQLite file inside the workspace."""
+    if cfg.tracking.tracking_uri:
+        return cfg.tracking.tracking_uri
+    db = cfg.workspace.root / "mlflow" / "mlflow.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{db}"
+
+
+def artifact_location(cfg: PipelineConfig) -> str | None:
+    if cfg.tracking.tracking_uri:
+        return None  # the server decides
+    return (cfg.workspace.root / "mlflow" / "artifacts").as_uri()
+
+
+def ensure_experiment(cfg: PipelineConfig) -> str:
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    return mlflow.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location(cfg))
+
+
+def safe_metric_name(name: str) -> str:
+    """MLflow accepts alphanumerics, _ - . / and space; lm-eval's 'acc,none' is not among them."""
+    return _UNSAFE.sub("_", name)
+
+
+def clean_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+            continue
+        out[safe_metric_name(prefix + k)] = float(v)
+    return out
+
+
+def safe_params(data: Any) -> dict[str, str]:
+    """Flattened params, values cut to MLflow's 6000-character limit."""
+    return {safe_metric_name(k): str(v)[:6000] for k, v in flatten(data).items()}
+
+
+@dataclass(frozen=True)
+class TrackingContext:
+    uri: str
+    experiment_id: str
+    parent_run_id: str
+
+
+@contextlib.contextmanager
+def stage_run(ctx: TrackingContext, stage: str, tags: Mapping[str, str] | None = None) -> Iterator[Any]:
+    """A nested MLflow run under the pipeline's parent run, active for the block."""
+    import mlflow
+
+    mlflow.set_tracking_uri(ctx.uri)
+    with mlflow.start_run(run_name=stage, experiment_id=ctx.experiment_id, parent_run_id=ctx.parent_run_id,
+                          nested=True, tags={"stage": stage, **(tags or {})}) as run:
+        yield run
+
+
+def log_dict_artifact(data: Any, name: str) -> None:
+    import mlflow
+
+    mlflow.log_dict(data, name)
+
+
+def log_file_artifact(path: Path, folder: str | None = None) -> None:
+    import mlflow
+
+    mlflow.log_artifact(str(path), artifact_path=folder)

