@@ -51,3 +51,51 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
         make_llama(tok, seed=i, out_dir=path)
         out[family] = path
     return out
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A temporary Prefect API and database for the flow tests (about 20 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=300):
+        yield
+
+
+def write_tiny_pipeline(root: Path, tiny_models: dict[str, Path], **overrides) -> Path:
+    """A pipeline YAML over tiny models and a tiny two-domain corpus, everything under `root`."""
+    import json
+
+    import yaml
+
+    corpora = root / "corpora"
+    corpora.mkdir(parents=True, exist_ok=True)
+    prose = [f"Document {i}: the quick brown fox jumps over the lazy dog, then rests {i} times." for i in range(24)]
+    code = [f"def f{i}(x):\n    return x * {i} + {i % 5}\n" for i in range(24)]
+    (corpora / "prose.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in prose))
+    (corpora / "code.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in code))
+    cfg = {
+        "name": "tiny",
+        "workspace": {"root": str(root / "workspace")},
+        "data": {"corpora": [{"name": "prose", "domain": "prose", "path": str(corpora / "prose.jsonl")},
+                             {"name": "code", "domain": "code", "path": str(corpora / "code.jsonl")}],
+                 "max_length": 48, "validation_fraction": 0.25, "min_chars": 10},
+        "sources": [{"name": "bytes", "model": {"kind": "hf", "path": str(tiny_models["byte_level"])}},
+                    {"name": "words", "model": {"kind": "hf", "path": str(tiny_models["wordpiece"])}}],
+        "target": {"name": "student", "model": {"kind": "hf", "path": str(tiny_models["metaspace"])}},
+        "teacher": {"top_k": 4, "batch_size": 8, "docs_per_shard": 16},
+        "fusion": {"strategy": "min_ce", "clm_weight": 0.5,
+                   "training": {"steps": 4, "micro_batch_size": 4, "warmup_steps": 1, "checkpoint_every": 2,
+                                "log_every": 1}},
+        "evaluation": {"lm_eval_tasks": ["fusion_arith_mc"], "limit": 4, "batch_size": 4},
+        "tracking": {"experiment": "tiny", "registered_model": "tiny-target"},
+    }
+    for dotted, value in overrides.items():
+        node = cfg
+        *head, last = dotted.split(".")
+        for h in head:
+            node = node.setdefault(h, {})
+        node[last] = value
+    path = root / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

@@ -1,0 +1,73 @@
+"""The Prefect flow on tiny models: stages chain, outputs are reused, failures leave nothing complete."""
+import json
+from pathlib import Path
+
+import pytest
+from conftest import write_tiny_pipeline
+from typer.testing import CliRunner
+
+from flows.cli import app
+from flows.pipeline import run_pipeline
+from fusion_core.data import DataError
+from fusion_core.workspace import StageOutput
+
+
+def _stage_runs(summary: dict) -> dict[str, str]:
+    """stage name -> 'reused' / 'computed', read back from MLflow's nested runs."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=summary["tracking_uri"])
+    parent = client.get_run(summary["run_id"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{summary['run_id']}'")
+    return {r.data.tags["stage"]: ("reused" if r.data.tags.get("reused") == "true" else "computed") for r in children}
+
+
+def test_empty_corpus_fails_before_any_stage(tmp_path, tiny_models, prefect_harness):
+    path = write_tiny_pipeline(tmp_path, tiny_models)
+    (tmp_path / "corpora" / "code.jsonl").write_text('{"text": "tiny"}\n')
+    with pytest.raises(DataError, match="corpus 'code'"):
+        run_pipeline(path)
+    assert not (tmp_path / "workspace" / "stages").exists()
+
+
+@pytest.mark.slow
+def test_pipeline_runs_reuses_and_recovers(tmp_path, tiny_models, prefect_harness, monkeypatch):
+    path = write_tiny_pipeline(tmp_path, tiny_models)
+
+    # A training that dies leaves no training output that a later run would take as complete.
+    import tasks.fusion_training as ft
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("training crashed")
+
+    with monkeypatch.context() as m:
+        m.setattr(ft, "train_target", broken)
+        with pytest.raises(RuntimeError, match="training crashed"):
+            run_pipeline(path)
+    stages = tmp_path / "workspace" / "stages"
+    assert not (stages / "fusion_training").exists() or not any(
+        StageOutput(tmp_path / "workspace", "fusion_training", p.name).complete()
+        for p in (stages / "fusion_training").iterdir())
+
+    first = run_pipeline(path)
+    assert [n for n, s in first["stages"].items() if s["reused"]] == [
+        "prepare_data", "align_vocabularies", "teacher_inference"]
+    assert _stage_runs(first) == {"prepare_data": "reused", "align_vocabularies": "reused",
+                                  "teacher_inference": "reused", "fusion_training": "computed",
+                                  "evaluate": "computed"}
+    assert first["version"] == "1" and first["registered_model"] == "tiny-target"
+    assert any(k.startswith("eval.fusion_arith_mc.") for k in first["metrics"])
+    assert any(k.startswith("ppl.") for k in first["metrics"])
+
+    second = run_pipeline(path)
+    assert all(s["reused"] for s in second["stages"].values())
+    assert set(_stage_runs(second).values()) == {"reused"}
+    assert second["version"] == "1"  # the same training output is not registered twice
+
+    result = CliRunner().invoke(app, ["compare", str(path), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert rows[0]["version"] == "1" and "candidate" in rows[0]["aliases"]
+    assert rows[0]["tags"]["strategy"] == "min_ce"
+    assert rows[0]["metrics"] and all(k.startswith(("eval.", "ppl.")) for k in rows[0]["metrics"])
