@@ -1,0 +1,469 @@
+"""Training the target model on the fusion objective with DeepSpeed (single process or launcher).
+
+`train_target` loads the target (an HF folder), wraps it with the fusion strategy in a
+`FusionModel`, and trains it with `deepspeed.initialize` using a client torch AdamW (so no
+optimizer op is compiled) and a torch LambdaLR (linear warm-up, cosine down to
+`min_lr_ratio`; there is deliberately no DeepSpeed scheduler block, which would override it).
+
+Data order is a pure function of (seed, step): the examples form an endless stream of epochs,
+each a permutation drawn from a generator seeded with (seed, epoch); step s on rank r reads
+fixed positions of that stream. A resumed run therefore continues exactly where the
+checkpoint was taken, without repeating or skipping data, and reaches the same weights as an
+uninterrupted run. Checkpoints go to `out_dir/checkpoints/step<N>` (DeepSpeed format, with the
+data position, token count and RNG state in client_state); the newest is resumed
+automatically when `train_target` starts again with the same out_dir.
+
+Outside a launcher, the function sets up a one-process gloo/nccl group on a free port and
+tears it down at the end (also on error), so it can be called repeatedly in one process.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import os
+import re
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from fusion_core.fusion import FusionExample, FusionModel, collate, selection_counts, strategy_from_config
+
+log_ = logging.getLogger(__name__)
+
+CHECKPOINT_SUBDIR = "checkpoints"
+MODEL_SUBDIR = "model"
+_TAG_RE = re.compile(r"^step(\d+)$")
+
+
+@dataclass
+class TrainingResult:
+    model_dir: Path                 # HF folder: trained weights (safetensors) + the target's tokenizer
+    steps: int                      # optimizer steps completed (including those before a resume)
+    tokens_seen: int                # non-padding tokens trained on, all ranks, all steps
+    metrics: dict[str, float]       # the last logged window's metrics
+    wall_time_s: float              # this call's wall time
+    resumed_from_step: int | None = None
+    checkpoint_dir: Path | None = None
+    history: list[tuple[int, dict[str, float]]] = field(default_factory=list)   # every logged (step, metrics)
+
+    @property
+    def seconds(self) -> float:
+        return self.wall_time_s
+
+
+# ---------------------------------------------------------------- schedule and data order
+
+def lr_factor(step: int, *, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+    """Multiplier of the peak LR for optimizer step `step` (0-based).
+
+    Linear warm-up over `warmup_steps` (step 0 gets 1/warmup), then a cosine from 1 down to
+    `min_lr_ratio` reached at the last step.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps - 1)
+    progress = min(1.0, max(0.0, (step - warmup_steps) / decay_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class DataOrder:
+    """The deterministic example stream: epoch e is permutation(seed, e) of range(n)."""
+
+    def __init__(self, n: int, seed: int):
+        if n <= 0:
+            raise ValueError("no training examples")
+        self.n, self.seed = n, seed
+        self._perms: dict[int, np.ndarray] = {}
+
+    def perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) > 4:
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return self._perms[epoch]
+
+    def indices(self, start: int, count: int) -> list[int]:
+        """Example indices at stream positions [start, start + count)."""
+        out = []
+        for p in range(start, start + count):
+            out.append(int(self.perm(p // self.n)[p % self.n]))
+        return out
+
+
+def micro_batch_position(step: int, micro: int, *, rank: int, world_size: int, micro_batch_size: int,
+                         gradient_accumulation: int) -> int:
+    """Stream position of the first example of micro-batch `micro` of optimizer step `step` on `rank`."""
+    m = step * gradient_accumulation + micro
+    return (m * world_size + rank) * micro_batch_size
+
+
+def _data_fingerprint(examples: Sequence[FusionExample]) -> str:
+    h = hashlib.sha256()
+    h.update(str(len(examples)).encode())
+    for ex in examples:
+        h.update(ex.input_ids.tobytes())
+        h.update(b"|")
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- process group
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def _distributed() -> Iterator[None]:
+    """A DeepSpeed process group for the duration of the block.
+
+    Already initialised by the caller: used as is. Under a launcher (WORLD_SIZE set): joined,
+    destroyed at the end. Otherwise: a one-process group on a free port, destroyed at the end,
+    and the environment restored.
+    """
+    import deepspeed
+    import deepspeed.comm as dist
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        yield
+        return
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    launcher = all(k in os.environ for k in saved)
+    if not launcher and os.environ.get("WORLD_SIZE", "1") == "1":
+        # One process and no launcher: our own group on a free port.
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    try:
+        deepspeed.init_distributed(dist_backend=_accelerator().communication_backend_name(), verbose=False)
+        yield
+    finally:
+        try:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def _prepare_environment() -> None:
+    """CPU accelerator when there is no GPU; a persistent cache for DeepSpeed's JIT-built ops."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    if "TORCH_EXTENSIONS_DIR" not in os.environ:
+        os.environ["TORCH_EXTENSIONS_DIR"] = os.environ.get("FUSION_TORCH_EXTENSIONS_DIR") or str(
+            Path.home() / ".cache" / "torch_extensions")
+
+
+def _accelerator():
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator()
+
+
+def resolve_precision(precision: str) -> str:
+    """'auto' -> bf16 on a CUDA GPU that supports it, else fp32."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def deepspeed_config(training, *, precision: str) -> dict:
+    """The DeepSpeed config dict for a TrainingConfig (no optimizer/scheduler block: both are client objects)."""
+    zero: dict = {"stage": int(training.zero_stage)}
+    if training.offload_optimizer:
+        if training.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage >= 1")
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if training.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    cfg = {
+        "train_micro_batch_size_per_gpu": int(training.micro_batch_size),
+        "gradient_accumulation_steps": int(training.gradient_accumulation),
+        "gradient_clipping": float(training.gradient_clipping),
+        "zero_optimization": zero,
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    if precision == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    if training.offload_optimizer and not torch.cuda.is_available():
+        # On the CPU accelerator the client torch AdamW already runs on the CPU; avoid compiling cpu_adam.
+        cfg["zero_force_ds_cpu_optimizer"] = False
+    return cfg
+
+
+def _make_optimizer(module: torch.nn.Module, training) -> torch.optim.Optimizer:
+    decay = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": float(training.weight_decay)},
+              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    kwargs = dict(lr=float(training.learning_rate), betas=tuple(training.betas))
+    if training.offload_optimizer and torch.cuda.is_available():
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def _checkpoint_tags(ckpt_dir: Path) -> list[tuple[int, str]]:
+    if not ckpt_dir.is_dir():
+        return []
+    tags = []
+    for p in ckpt_dir.iterdir():
+        m = _TAG_RE.match(p.name)
+        if m and p.is_dir():
+            tags.append((int(m.group(1)), p.name))
+    return sorted(tags)
+
+
+def _prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
+    latest = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else None
+    tags = _checkpoint_tags(ckpt_dir)
+    for _, tag in tags[:-keep] if keep > 0 else []:
+        if tag != latest:
+            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+
+
+def _save_final_model(engine, model: FusionModel, tokenizer_src: Path, out: Path, *, zero_stage: int,
+                      rank: int) -> None:
+    if zero_stage == 3:
+        full = engine._zero3_consolidated_16bit_state_dict()   # every rank must call it; rank 0 gets the dict
+    else:
+        full = None
+    if rank != 0:
+        return
+    from transformers import AutoTokenizer
+
+    tmp = out.with_name(out.name + f".partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    student = model.student
+    if full is not None:
+        sd = {k[len("student."):]: v for k, v in full.items() if k.startswith("student.")}
+        student.save_pretrained(str(tmp), state_dict=sd)
+        strat = {k[len("strategy."):]: v for k, v in full.items() if k.startswith("strategy.")}
+    else:
+        student.save_pretrained(str(tmp))
+        strat = {k: v.detach().cpu() for k, v in model.strategy.state_dict().items()}
+    if strat:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in strat.items()}, str(tmp / "fusion_strategy.safetensors"))
+    AutoTokenizer.from_pretrained(str(tokenizer_src)).save_pretrained(str(tmp))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+# ---------------------------------------------------------------- training
+
+def train_target(model_dir: Path, examples: Sequence[FusionExample], *, fusion, out_dir: Path,
+                 source_names: list[str], log: Callable[[dict[str, float], int], None] | None = None,
+                 keep_checkpoints: int = 2) -> TrainingResult:
+    """Train the target in `model_dir` on `examples` with the fusion objective of `fusion` (FusionConfig).
+
+    Writes checkpoints under out_dir/checkpoints (resumed automatically) and the trained model
+    to out_dir/model. `log(metrics, step)` is called on rank 0 every `log_every` steps and after
+    the last step, with loss, clm, kd, lr, tokens_per_s, step_time_s, tokens_seen, epoch and
+    select.<source> (share of sequences where that source has the largest weight).
+    An exception raised by `log` aborts training (checkpoints already written stay valid).
+    Raises ValueError for inconsistent inputs or a checkpoint from different data/batching.
+    """
+    t_start = time.perf_counter()
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    training = fusion.training
+    examples = list(examples)
+    if not examples:
+        raise ValueError("no training examples")
+    K_set = {ex.num_sources for ex in examples}
+    if len(K_set) != 1:
+        raise ValueError(f"examples have different numbers of sources: {sorted(K_set)}")
+    K = K_set.pop()
+    strategy = strategy_from_config(fusion, source_names)
+    if strategy.uses_teachers and K != len(source_names):
+        raise ValueError(f"examples carry {K} sources but {len(source_names)} source names were given")
+    precision = resolve_precision(training.precision)
+
+    _prepare_environment()
+    import deepspeed
+    import deepspeed.comm as dist
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    old_threads = torch.get_num_threads()
+    if training.threads:
+        torch.set_num_threads(int(training.threads))
+    engine = None
+    try:
+        with _distributed():
+            rank, world = dist.get_rank(), dist.get_world_size()
+            torch.manual_seed(training.seed)
+            student = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+            student.config.use_cache = False
+            tok = AutoTokenizer.from_pretrained(str(model_dir))
+            pad_id = next((int(x) for x in (tok.pad_token_id, student.config.pad_token_id, tok.eos_token_id)
+                           if x is not None), 0)
+            model = FusionModel(student, strategy, clm_weight=fusion.clm_weight, temperature=fusion.temperature)
+            model.train()
+            optimizer = _make_optimizer(model, training)
+            total = int(training.steps)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
+                s, total_steps=total, warmup_steps=training.warmup_steps, min_lr_ratio=training.min_lr_ratio))
+            ds_config = deepspeed_config(training, precision=precision)
+            engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=ds_config)
+            device = engine.device
+
+            ckpt_dir = out_dir / CHECKPOINT_SUBDIR
+            identity = {
+                "num_examples": len(examples), "data_fingerprint": _data_fingerprint(examples),
+                "micro_batch_size": int(training.micro_batch_size),
+                "gradient_accumulation": int(training.gradient_accumulation),
+                "world_size": int(world), "seed": int(training.seed), "num_sources": int(K),
+            }
+            step, tokens_seen, resumed_from = 0, 0, None
+            if (ckpt_dir / "latest").is_file():
+                path, client = engine.load_checkpoint(str(ckpt_dir))
+                if path is None:
+                    raise RuntimeError(f"could not load the latest checkpoint in {ckpt_dir}")
+                saved_identity = client.get("identity", {})
+                diff = {k: (saved_identity.get(k), v) for k, v in identity.items() if saved_identity.get(k) != v}
+                if diff:
+                    raise ValueError(f"checkpoint in {ckpt_dir} was written for other data or batching "
+                                     f"(saved, now): {diff}; use a new out_dir or delete the checkpoints")
+                step = resumed_from = int(client["step"])
+                tokens_seen = int(client["tokens_seen"])
+                if client.get("rng_state") is not None:
+                    torch.set_rng_state(client["rng_state"])
+                log_.info("resumed from %s at step %d", path, step)
+
+            order = DataOrder(len(examples), training.seed)
+            mbs, gas = int(training.micro_batch_size), int(training.gradient_accumulation)
+            history: list[tuple[int, dict[str, float]]] = []
+            metrics: dict[str, float] = {}
+            win = _Window(len(source_names) if strategy.uses_teachers else 0)
+            last_saved = resumed_from
+
+            def save(at: int) -> None:
+                client = {"step": at, "tokens_seen": tokens_seen, "identity": identity,
+                          "stream_position": micro_batch_position(at, 0, rank=0, world_size=world,
+                                                                  micro_batch_size=mbs, gradient_accumulation=gas),
+                          "epoch": micro_batch_position(at, 0, rank=0, world_size=world, micro_batch_size=mbs,
+                                                        gradient_accumulation=gas) // len(examples),
+                          "rng_state": torch.get_rng_state()}
+                engine.save_checkpoint(str(ckpt_dir), tag=f"step{at}", client_state=client)
+                if rank == 0:
+                    _prune_checkpoints(ckpt_dir, keep_checkpoints)
+
+            while step < total:
+                t0 = time.perf_counter()
+                lr = float(engine.get_lr()[0])
+                for micro in range(gas):
+                    pos = micro_batch_position(step, micro, rank=rank, world_size=world, micro_batch_size=mbs,
+                                               gradient_accumulation=gas)
+                    batch = collate([examples[i] for i in order.indices(pos, mbs)], pad_id)
+                    n_tok = int(batch.pop("lengths").sum())
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    out = engine(**batch)
+                    engine.backward(out["loss"])
+                    engine.step()
+                    win.add(out, n_tok)
+                step += 1
+                win.steps += 1
+                win.seconds += time.perf_counter() - t0
+                win.lr = lr
+                # tokens of all ranks (cheap: one scalar all-reduce per step)
+                tok_t = torch.tensor([float(win.pending_tokens)], dtype=torch.float64, device=device)
+                if world > 1:
+                    dist.all_reduce(tok_t)
+                tokens_seen += int(tok_t.item())
+                win.tokens += int(tok_t.item())
+                win.pending_tokens = 0
+                if step % training.checkpoint_every == 0 or step == total:
+                    save(step)
+                    last_saved = step
+                if step % training.log_every == 0 or step == total:
+                    metrics = win.metrics(source_names, world, dist, device)
+                    metrics.update(tokens_seen=float(tokens_seen),
+                                   epoch=float(micro_batch_position(step, 0, rank=0, world_size=world,
+                                                                    micro_batch_size=mbs, gradient_accumulation=gas)
+                                               / len(examples)))
+                    win = _Window(win.K)
+                    if rank == 0:
+                        history.append((step, dict(metrics)))
+                        if log is not None:
+                            log(dict(metrics), step)
+            if last_saved != step:   # resumed at the end: nothing new to save
+                save(step)
+
+            model_out = out_dir / MODEL_SUBDIR
+            _save_final_model(engine, model, model_dir, model_out, zero_stage=int(training.zero_stage), rank=rank)
+            dist.barrier()
+            return TrainingResult(model_dir=model_out, steps=step, tokens_seen=tokens_seen, metrics=metrics,
+                                  wall_time_s=time.perf_counter() - t_start, resumed_from_step=resumed_from,
+                                  checkpoint_dir=ckpt_dir, history=history)
+    finally:
+        if engine is not None:
+            with contextlib.suppress(Exception):
+                engine.destroy()
+        del engine
+        torch.set_num_threads(old_threads)
+
+
+class _Window:
+    """Running sums for one logging window."""
+
+    def __init__(self, K: int):
+        self.K = K
+        self.sums: dict[str, float] = {}
+        self.micro = 0
+        self.steps = 0
+        self.seconds = 0.0
+        self.tokens = 0
+        self.pending_tokens = 0
+        self.lr = float("nan")
+        self.select = np.zeros(K, dtype=np.float64)
+        self.sequences = 0
+
+    def add(self, out: dict[str, torch.Tensor], n_tok: int) -> None:
+        for k, v in out.items():
+            if k != "weights" and v.ndim == 0:
+                self.sums[k] = self.sums.get(k, 0.0) + float(v.detach())
+        self.micro += 1
+        self.pending_tokens += n_tok
+        w = out["weights"]
+        self.sequences += int(w.shape[0])
+        if self.K and w.shape[1] == self.K:
+            self.select += selection_counts(w).cpu().numpy()
+
+    def metrics(self, source_names: Sequence[str], world: int, dist, device) -> dict[str, float]:
+        keys = sorted(self.sums)
+        vals = torch.tensor([self.sums[k] for k in keys] + [float(self.micro)] + list(self.select)
+                            + [float(self.sequences)], dtype=torch.float64, device=device)
+        if world > 1:
+            dist.all_reduce(vals)
+        vals = vals.cpu().numpy()
+        n_micro = max(vals[len(keys)], 1.0)
+        m = {k: float(vals[i] / n_micro) for i, k in enumerate(keys)}
+        seqs = max(vals[-1], 1.0)
+        for i, name in enumerate(source_names[: self.K]):
+            m[f"select.{name}"] = float(vals[len(keys) + 1 + i] / seqs)
+        m["lr"] = self.lr
+        m["step_time_s"] = self.seconds / max(self.steps, 1)
+        m["tokens_per_s"] = self.tokens / self.seconds if self.seconds > 0 else 0.0
+        return m
