@@ -9,17 +9,25 @@ from prefect.cache_policies import NO_CACHE
 from fusion_core.corpus_alignment import align_corpus, save_alignment
 from fusion_core.data import read_documents
 from fusion_core.models import load_tokenizer
-from fusion_core.vocab import VocabularyMap, build_vocabulary_map, tokenizer_fingerprint
+from fusion_core.vocab import VOCAB_MAP_VERSION, VocabularyMap, build_vocabulary_map, tokenizer_fingerprint
 from tasks.common import run_logger
 from tasks.stage import RunContext, StageResult, run_stage, stage_key
 
 
-def vocabulary_map(src_tok, tgt_tok, cache_dir: Path) -> VocabularyMap:
-    """The map for this pair of tokenizers, built once and cached by both fingerprints."""
-    path = cache_dir / f"{tokenizer_fingerprint(src_tok)}-{tokenizer_fingerprint(tgt_tok)}.npz"
+def model_vocab_size(model_dir: Path) -> int | None:
+    """The size of a model's output layer, which can exceed its tokenizer's vocabulary (padding)."""
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(str(model_dir)), "vocab_size", None)
+
+
+def vocabulary_map(src_tok, tgt_tok, cache_dir: Path, src_vocab_size: int | None = None) -> VocabularyMap:
+    """The map for this pair of tokenizers, built once and cached by both fingerprints and the map version."""
+    name = f"v{VOCAB_MAP_VERSION}-{tokenizer_fingerprint(src_tok)}-{tokenizer_fingerprint(tgt_tok)}-{src_vocab_size}"
+    path = cache_dir / f"{name}.npz"
     if path.is_file():
         return VocabularyMap.load(path)
-    vmap = build_vocabulary_map(src_tok, tgt_tok)
+    vmap = build_vocabulary_map(src_tok, tgt_tok, src_vocab_size=src_vocab_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     vmap.save(path)
     return vmap
@@ -28,7 +36,7 @@ def vocabulary_map(src_tok, tgt_tok, cache_dir: Path) -> VocabularyMap:
 @task(name="align_vocabularies", cache_policy=NO_CACHE, persist_result=False)
 def align_vocabularies(ctx: RunContext, data: StageResult) -> StageResult:
     cfg = ctx.config
-    key = stage_key("align_vocabularies", cfg.alignment, data.key, [m.key for m in ctx.sources], ctx.target.key)
+    key = stage_key("align_vocabularies", cfg.alignment, VOCAB_MAP_VERSION, data.key, [m.key for m in ctx.sources], ctx.target.key)
     logger = run_logger()
 
     def build(tmp: Path, meta: dict) -> dict[str, float]:
@@ -37,7 +45,8 @@ def align_vocabularies(ctx: RunContext, data: StageResult) -> StageResult:
         metrics: dict[str, float] = {}
         for src in ctx.sources:
             src_tok = load_tokenizer(src.path)
-            vmap = vocabulary_map(src_tok, tgt_tok, cfg.workspace.root / "cache" / "vocab_maps")
+            vmap = vocabulary_map(src_tok, tgt_tok, cfg.workspace.root / "cache" / "vocab_maps",
+                                  model_vocab_size(src.path))
             vmap.save(tmp / f"{src.name}.vocab.npz")
             aligned = align_corpus(src_tok, tgt_tok, docs)
             save_alignment(tmp / f"{src.name}.alignment.parquet", aligned.tgt_to_src)

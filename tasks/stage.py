@@ -15,7 +15,7 @@ from tasks.tracking import TrackingContext, clean_metrics, log_dict_artifact, sa
 # not reused (the version is part of the stage fingerprint).
 STAGE_VERSIONS = {
     "prepare_data": 1,
-    "align_vocabularies": 1,
+    "align_vocabularies": 1,  # the vocabulary map rules have their own version, in the key too
     "teacher_inference": 1,
     "fusion_training": 1,
     "evaluate": 1,
