@@ -18,7 +18,8 @@ def list_versions(tracking_uri: str, name: str) -> list[dict]:
     except MlflowException:
         raise FusionError(f"no registered model {name!r} at {tracking_uri}") from None
     rows = []
-    for mv in sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version)):
+    for found in sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version)):
+        mv = client.get_model_version(name, found.version)  # search results carry no aliases
         metrics = client.get_run(mv.run_id).data.metrics if mv.run_id else {}
         rows.append({
             "name": name, "version": str(mv.version), "aliases": sorted(mv.aliases or []),
