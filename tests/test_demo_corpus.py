@@ -1,0 +1,92 @@
+"""Data tests for the demo corpus: determinism, shape, correctness, and no leakage into training text."""
+import json
+import re
+
+import pytest
+
+from fusion_core.demo_corpus import (
+    DEMO_CHARS_PER_DOMAIN, DOMAINS, MAX_DOC_CHARS, MIN_DOC_CHARS, demo_documents, specialist_training_texts, write_demo_corpus,
+)
+
+
+def _read(path):
+    return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    return write_demo_corpus(tmp_path_factory.mktemp("corpus"), seed=0, scale=0.2)
+
+
+def test_corpus_is_byte_identical_across_writes(small_corpus, tmp_path):
+    again = write_demo_corpus(tmp_path, seed=0, scale=0.2)
+    assert set(again) == set(DOMAINS) == set(small_corpus)
+    for domain in DOMAINS:
+        assert again[domain].read_bytes() == small_corpus[domain].read_bytes()
+        assert again[domain].name == f"{domain}.jsonl"
+
+
+def test_seed_changes_the_corpus(small_corpus, tmp_path):
+    other = write_demo_corpus(tmp_path, seed=1, scale=0.2)
+    for domain in DOMAINS:
+        assert other[domain].read_bytes() != small_corpus[domain].read_bytes()
+
+
+def test_documents_are_ascii_text_of_the_right_size(small_corpus):
+    for domain, path in small_corpus.items():
+        docs = _read(path)
+        assert docs, domain
+        total = sum(map(len, docs))
+        budget = 0.2 * DEMO_CHARS_PER_DOMAIN[domain]
+        assert budget <= total <= budget + MAX_DOC_CHARS, (domain, total)
+        for doc in docs:
+            assert doc.isascii()
+            assert MIN_DOC_CHARS <= len(doc) <= MAX_DOC_CHARS, (domain, len(doc))
+
+
+def test_scale_one_is_30_to_60_kb_per_domain():
+    for domain in DOMAINS:
+        total = sum(map(len, demo_documents(domain, seed=0)))
+        assert 30_000 <= total <= 60_000, (domain, total)
+
+
+def test_generated_code_runs_and_its_tests_pass():
+    for doc in demo_documents("code", seed=3, scale=0.3):
+        namespace: dict = {}
+        exec(compile(doc, "<generated>", "exec"), namespace)  # noqa: S102 - our own generator's output
+        for name, value in namespace.items():
+            if name.startswith("test_"):
+                value()
+
+
+def test_arithmetic_answers_are_correct():
+    eq = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
+    checked = 0
+    for doc in demo_documents("arithmetic", seed=5, scale=0.5):
+        assert doc == doc.lower()
+        for a, op, b, c in eq.findall(doc):
+            a, b, c = int(a), int(b), int(c)
+            assert {"+": a + b, "-": a - b, "*": a * b, "/": a // b if b else None}[op] == c
+            checked += 1
+    assert checked > 50
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_training_texts_never_contain_a_demo_document(domain):
+    train = specialist_training_texts(domain, seed=0, n_chars=150_000)
+    assert sum(map(len, train)) >= 100_000
+    train_set = set(train)
+    for seed in (0, 1):
+        demo = demo_documents(domain, seed=seed, scale=0.5)
+        assert not train_set.intersection(demo)
+
+
+def test_training_texts_are_deterministic_and_seeded():
+    a = specialist_training_texts("code", seed=0, n_chars=20_000)
+    assert a == specialist_training_texts("code", seed=0, n_chars=20_000)
+    assert a != specialist_training_texts("code", seed=1, n_chars=20_000)
+
+
+def test_unknown_domain_is_rejected():
+    with pytest.raises(ValueError, match="unknown demo domain"):
+        specialist_training_texts("poetry", seed=0, n_chars=10)
