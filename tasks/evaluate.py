@@ -28,7 +28,8 @@ def evaluate(ctx: RunContext, data: StageResult, training: StageResult) -> tuple
         include = materialize_tasks(tmp / "lm_eval_tasks")
         result = evaluate_model(training.path / "model", tasks=list(ecfg.lm_eval_tasks), documents=docs,
                                 include_dir=include, limit=ecfg.limit, batch_size=ecfg.batch_size,
-                                device=resolve_device(ecfg.device), seed=cfg.seed)
+                                device=resolve_device(ecfg.device), seed=cfg.seed,
+                                num_fewshot=ecfg.num_fewshot, max_length=cfg.data.max_length)
         (tmp / "lm_eval_results.json").write_text(json.dumps(result.lm_eval, indent=2, default=str))
         (tmp / "perplexity.json").write_text(json.dumps(result.perplexity, indent=2))
         return result.metrics
