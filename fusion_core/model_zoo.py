@@ -89,3 +89,30 @@ def make_llama(tokenizer, *, hidden: int = 32, layers: int = 2, heads: int = 4, 
         model.save_pretrained(str(out_dir))
         tokenizer.save_pretrained(str(out_dir))
     return model
+
+
+def wordpiece_tokenizer(vocab: list[str], out_dir: Path | None = None):
+    """A "wordpiece"-family tokenizer over a vocabulary the caller chose.
+
+    Same normaliser, pre-tokenizer, decoder and special tokens as `train_tokenizer("wordpiece")`;
+    the special tokens come first, then `vocab` in its order (duplicates dropped). For callers
+    that need a reproducible vocabulary: the `tokenizers` WordPiece trainer breaks ties between
+    equally frequent merges in a different order on every run.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    sp = _SPECIALS["wordpiece"]
+    tokens = list(dict.fromkeys([sp["unk"], sp["bos"], sp["eos"], sp["pad"], *vocab]))
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(tokens)}, unk_token=sp["unk"]))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=sp["bos"], eos_token=sp["eos"], pad_token=sp["pad"], unk_token=sp["unk"],
+        cls_token=sp["bos"], sep_token=sp["eos"],
+    )
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        hf.save_pretrained(str(out_dir))
+    return hf

@@ -54,6 +54,9 @@ def test_fingerprint_depends_on_seed_options_and_code_version(monkeypatch):
     assert base != recipe_fingerprint("arithmetic_specialist", 0, None)
     monkeypatch.setattr(specialists, "RECIPE_CODE_VERSION", "test")
     assert base != recipe_fingerprint("code_specialist", 0, None)
+    monkeypatch.undo()
+    monkeypatch.setattr(specialists, "CORPUS_VERSION", "test")
+    assert base != recipe_fingerprint("code_specialist", 0, None)
 
 
 @pytest.mark.parametrize("name", sorted(FAMILY))
@@ -80,6 +83,13 @@ def test_wordpiece_specialist_has_no_unknown_tokens_on_ascii(built):
     tok = AutoTokenizer.from_pretrained(built["arithmetic_specialist"])
     ids = tok("Quixotic ZEBRAS jump; f(x) = {q: 7} ~ `zz`", add_special_tokens=False)["input_ids"]
     assert tok.unk_token_id not in ids
+
+
+def test_arithmetic_vocabulary_reads_numbers_digit_by_digit(built):
+    tok = AutoTokenizer.from_pretrained(built["arithmetic_specialist"])
+    multi_digit = [t for t in tok.get_vocab() if sum(c.isdigit() for c in t) > 1]
+    assert multi_digit == []
+    assert tok.tokenize("add 347 and 58") == ["add", "3", "##4", "##7", "and", "5", "##8"]
 
 
 def test_rebuild_is_a_no_op(built, monkeypatch):
