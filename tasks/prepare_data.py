@@ -7,6 +7,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from fusion_core.config import CorpusConfig, PipelineConfig
+from fusion_core.demo_corpus import CORPUS_VERSION
 from fusion_core.data import DataError, clean_text, prepare_documents, read_corpus_texts, write_documents
 from fusion_core.models import load_tokenizer
 from tasks.common import run_logger
@@ -47,7 +48,9 @@ def check_corpora(cfg: PipelineConfig) -> dict[str, int]:
 def prepare_data(ctx: RunContext) -> StageResult:
     cfg = ctx.config
     models = (*ctx.sources, ctx.target)
-    key = stage_key("prepare_data", cfg.data, [m.key for m in models])
+    # Generated corpora change with the generator's version, which the fingerprint must see.
+    corpus_version = CORPUS_VERSION if any(c.builtin for c in cfg.data.corpora) else None
+    key = stage_key("prepare_data", cfg.data, corpus_version, [m.key for m in models])
 
     def build(tmp: Path, meta: dict) -> dict[str, float]:
         tokenizers = [load_tokenizer(m.path) for m in models]
