@@ -22,6 +22,8 @@ add parameters and loss terms through the same interface (`source_weights`, `aux
 """
 from __future__ import annotations
 
+import abc
+
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Sequence
@@ -147,7 +149,7 @@ def collate(examples: Sequence[FusionExample], pad_id: int) -> dict[str, torch.T
 
 # ---------------------------------------------------------------- strategies
 
-class FusionStrategy(nn.Module):
+class FusionStrategy(nn.Module, abc.ABC):
     """Chooses per-sequence source weights w [B, K] (rows sum to 1).
 
     Subclasses set `name` and implement `source_weights`. A strategy may own parameters (they
@@ -164,8 +166,9 @@ class FusionStrategy(nn.Module):
         """Build from a FusionConfig and the ordered source names (override to read options)."""
         return cls()
 
+    @abc.abstractmethod
     def source_weights(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
+        """Per-sequence source weights [B, K] for a collated batch."""
 
     def aux_losses(self, batch: Mapping[str, torch.Tensor], weights: torch.Tensor) -> dict[str, torch.Tensor]:
         return {}
