@@ -96,8 +96,9 @@ def _print_summary(s: dict) -> None:
     metrics = Table(title="evaluation")
     metrics.add_column("metric")
     metrics.add_column("value", justify="right")
+    shown = (".acc", ".acc_norm", ".exact_match.", ".bits_per_byte", ".perplexity")
     for k, v in sorted(s["metrics"].items()):
-        if not k.endswith("_stderr"):
+        if any(part in k for part in shown) and "stderr" not in k:
             metrics.add_row(k, f"{v:.4f}")
     console.print(metrics)
     console.print(f"MLflow tracking URI: {s['tracking_uri']}  (experiment {s['experiment']!r}, run {s['run_id']})")
