@@ -25,7 +25,7 @@ def list_versions(tracking_uri: str, name: str) -> list[dict]:
             "name": name, "version": str(mv.version), "aliases": sorted(mv.aliases or []),
             "run_id": mv.run_id, "created": mv.creation_timestamp, "tags": dict(mv.tags or {}),
             "metrics": {k: v for k, v in sorted(metrics.items())
-                        if k.startswith(("eval.", "ppl.")) and not k.endswith("_stderr")},
+                        if k.startswith(("eval.", "ppl.")) and "_stderr" not in k},
         })
     return rows
 
