@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import traceback
 from enum import Enum
@@ -34,6 +35,22 @@ def _fail(exc: BaseException, code: int = 1) -> None:
         prefix = "error" if isinstance(exc, FusionError) else f"error ({type(exc).__name__})"
         typer.echo(f"{prefix}: {msg}" + ("" if _state["debug"] else "  [--debug for the traceback]"), err=True)
     raise typer.Exit(code)
+
+
+class _NoTraceback(logging.Filter):
+    """Keep Prefect's failure log lines but drop their tracebacks (shown with --debug only)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info = None
+        record.exc_text = None
+        return True
+
+
+def _quiet_tracebacks() -> None:
+    names = ["prefect", "prefect.flow_runs", "prefect.task_runs", "prefect.flow_engine", "prefect.task_engine"]
+    for name in names:
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(_NoTraceback())
 
 
 def _load(config: Path, check_paths: bool = True):
@@ -72,6 +89,8 @@ def run(config: Path = typer.Argument(..., help="pipeline YAML"),
     try:
         from flows.pipeline import run_pipeline
 
+        if not _state["debug"]:
+            _quiet_tracebacks()
         summary = run_pipeline(config, from_stage)
     except Exception as exc:
         _fail(exc)

