@@ -94,6 +94,16 @@ class FusionExample:
         return int(self.input_ids.shape[0])
 
 
+def source_count(examples: Sequence[FusionExample]) -> int:
+    """The number of sources K shared by all examples. Raises ValueError if none or if they differ."""
+    if not examples:
+        raise ValueError("no examples")
+    counts = {ex.num_sources for ex in examples}
+    if len(counts) != 1:
+        raise ValueError(f"examples have different numbers of sources: {sorted(counts)}")
+    return counts.pop()
+
+
 def collate(examples: Sequence[FusionExample], pad_id: int) -> dict[str, torch.Tensor]:
     """Pad a list of examples (right padding) into a batch.
 
@@ -102,12 +112,7 @@ def collate(examples: Sequence[FusionExample], pad_id: int) -> dict[str, torch.T
     teacher_logprobs [B,K,L,k] (-inf at padding), teacher_aligned [B,K,L] (False at padding),
     seq_ce [B,K], lengths [B]. Examples may differ in k (padded with unused entries) but not in K.
     """
-    if not examples:
-        raise ValueError("collate needs at least one example")
-    Ks = {ex.num_sources for ex in examples}
-    if len(Ks) != 1:
-        raise ValueError(f"examples have different numbers of sources: {sorted(Ks)}")
-    K = Ks.pop()
+    K = source_count(examples)
     B = len(examples)
     lengths = np.fromiter((len(ex) for ex in examples), dtype=np.int64, count=B)
     L = int(lengths.max())

@@ -34,7 +34,9 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from fusion_core.fusion import FusionExample, FusionModel, collate, selection_counts, strategy_from_config
+from fusion_core.fusion import (
+    FusionExample, FusionModel, collate, selection_counts, source_count, strategy_from_config,
+)
 
 log_ = logging.getLogger(__name__)
 
@@ -291,10 +293,7 @@ def train_target(model_dir: Path, examples: Sequence[FusionExample], *, fusion, 
     examples = list(examples)
     if not examples:
         raise ValueError("no training examples")
-    K_set = {ex.num_sources for ex in examples}
-    if len(K_set) != 1:
-        raise ValueError(f"examples have different numbers of sources: {sorted(K_set)}")
-    K = K_set.pop()
+    K = source_count(examples)
     strategy = strategy_from_config(fusion, source_names)
     if strategy.uses_teachers and K != len(source_names):
         raise ValueError(f"examples carry {K} sources but {len(source_names)} source names were given")
