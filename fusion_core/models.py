@@ -120,7 +120,6 @@ def load_causal_lm(path: Path, *, dtype: str = "auto", device: str = "auto", all
 
     Returns the model in eval mode. Raises ModelLoadError naming the folder.
     """
-    import torch
     from transformers import AutoModelForCausalLM
 
     check_model_folder(path, allow_pickle=allow_pickle)
