@@ -41,11 +41,29 @@ def resolve_model(ref, name: str, role: str, cfg: PipelineConfig, logger=None) -
         tok = load_tokenizer(path)
         if not getattr(tok, "is_fast", False):
             raise ModelLoadError(f"{path}: the tokenizer is not a fast tokenizer (offsets are needed)")
+        check_vocabulary_sizes(path, tok)
     except ModelLoadError as exc:
         raise ModelLoadError(f"{role} {name!r}: {exc}") from None
     except ValueError as exc:  # unknown recipe and similar
         raise ModelLoadError(f"{role} {name!r}: {exc}") from None
     return ResolvedModel(name=name, role=role, path=path, key=model_folder_key(path))
+
+
+def check_vocabulary_sizes(path, tokenizer) -> None:
+    """Raise ModelLoadError when the model's output layer cannot produce every id of its tokenizer.
+
+    A larger output layer (padded for speed, as Qwen's 151936) is fine; a smaller one means the
+    tokenizer does not belong to the model and every later stage would index out of range.
+    """
+    from transformers import AutoConfig
+
+    try:
+        vocab = getattr(AutoConfig.from_pretrained(str(path)), "vocab_size", None)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read the model config in {path}: {exc}") from None
+    if vocab is not None and vocab < len(tokenizer):
+        raise ModelLoadError(f"{path}: the model's vocabulary ({vocab}) is smaller than its tokenizer's "
+                             f"({len(tokenizer)}); the tokenizer does not belong to this model")
 
 
 @task(name="resolve_models", cache_policy=NO_CACHE, persist_result=False)

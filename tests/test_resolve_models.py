@@ -39,3 +39,17 @@ def test_local_folder_resolves_with_a_content_key(tmp_path, tiny_models):
     a = resolve_model(ref, "t", "target", _cfg(tmp_path))
     b = resolve_model(ref, "t", "target", _cfg(tmp_path))
     assert a.path == tiny_models["metaspace"] and a.key == b.key and len(a.key) == 16
+
+
+def test_model_smaller_than_its_tokenizer_is_refused(tmp_path, tiny_models):
+    import json
+    import shutil
+
+    folder = tmp_path / "mismatch"
+    shutil.copytree(tiny_models["byte_level"], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["vocab_size"] = 100
+    (folder / "config.json").write_text(json.dumps(cfg))
+    ref = HFModelRef.model_validate({"kind": "hf", "path": str(folder)})
+    with pytest.raises(ModelLoadError, match=r"source 'm': .*vocabulary \(100\) is smaller than its tokenizer's"):
+        resolve_model(ref, "m", "source", _cfg(tmp_path))
