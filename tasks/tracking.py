@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from fusion_core.config import PipelineConfig, flatten
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9_\-./ ]")
+from fusion_core.evaluation import sanitize_metric_name
 
 
 def tracking_uri(cfg: PipelineConfig) -> str:
@@ -38,23 +36,18 @@ def ensure_experiment(cfg: PipelineConfig) -> str:
     return mlflow.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location(cfg))
 
 
-def safe_metric_name(name: str) -> str:
-    """MLflow accepts alphanumerics, _ - . / and space; lm-eval's 'acc,none' is not among them."""
-    return _UNSAFE.sub("_", name)
-
-
 def clean_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     out = {}
     for k, v in metrics.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
             continue
-        out[safe_metric_name(prefix + k)] = float(v)
+        out[sanitize_metric_name(prefix + k)] = float(v)
     return out
 
 
 def safe_params(data: Any) -> dict[str, str]:
     """Flattened params, values cut to MLflow's 6000-character limit."""
-    return {safe_metric_name(k): str(v)[:6000] for k, v in flatten(data).items()}
+    return {sanitize_metric_name(k): str(v)[:6000] for k, v in flatten(data).items()}
 
 
 @dataclass(frozen=True)
