@@ -104,6 +104,19 @@ def check_model_folder(path: Path, *, allow_pickle: bool = False) -> None:
         raise ModelLoadError(f"model folder {path} has no *.safetensors weights")
 
 
+def model_vocab_size(path: Path) -> int | None:
+    """The size of a model folder's output layer from its config (may exceed its tokenizer's: padding).
+
+    Raises ModelLoadError when the config cannot be read.
+    """
+    from transformers import AutoConfig
+
+    try:
+        return getattr(AutoConfig.from_pretrained(str(path)), "vocab_size", None)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read the model config in {path}: {exc}") from None
+
+
 def load_tokenizer(path: Path):
     """Load the tokenizer of a local model folder. Raises ModelLoadError naming the folder."""
     from transformers import AutoTokenizer

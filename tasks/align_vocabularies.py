@@ -8,17 +8,10 @@ from prefect.cache_policies import NO_CACHE
 
 from fusion_core.corpus_alignment import align_corpus, save_alignment
 from fusion_core.data import read_documents
-from fusion_core.models import load_tokenizer
+from fusion_core.models import load_tokenizer, model_vocab_size
 from fusion_core.vocab import VOCAB_MAP_VERSION, VocabularyMap, build_vocabulary_map, tokenizer_fingerprint
 from tasks.common import run_logger
 from tasks.stage import RunContext, StageResult, run_stage, stage_key
-
-
-def model_vocab_size(model_dir: Path) -> int | None:
-    """The size of a model's output layer, which can exceed its tokenizer's vocabulary (padding)."""
-    from transformers import AutoConfig
-
-    return getattr(AutoConfig.from_pretrained(str(model_dir)), "vocab_size", None)
 
 
 def vocabulary_map(src_tok, tgt_tok, cache_dir: Path, src_vocab_size: int | None = None) -> VocabularyMap:

@@ -11,7 +11,8 @@ from prefect.cache_policies import NO_CACHE
 
 from fusion_core.config import GGUFModelRef, HFModelRef, PackageModelRef, PipelineConfig, RecipeModelRef
 from fusion_core.models import (
-    ModelLoadError, check_model_folder, gguf_to_folder, load_tokenizer, model_folder_key, packaged_model_folder,
+    ModelLoadError, check_model_folder, gguf_to_folder, load_tokenizer, model_folder_key, model_vocab_size,
+    packaged_model_folder,
 )
 from tasks.common import run_logger
 from tasks.stage import ResolvedModel
@@ -55,12 +56,7 @@ def check_vocabulary_sizes(path, tokenizer) -> None:
     A larger output layer (padded for speed, as Qwen's 151936) is fine; a smaller one means the
     tokenizer does not belong to the model and every later stage would index out of range.
     """
-    from transformers import AutoConfig
-
-    try:
-        vocab = getattr(AutoConfig.from_pretrained(str(path)), "vocab_size", None)
-    except Exception as exc:
-        raise ModelLoadError(f"cannot read the model config in {path}: {exc}") from None
+    vocab = model_vocab_size(path)
     if vocab is not None and vocab < len(tokenizer):
         raise ModelLoadError(f"{path}: the model's vocabulary ({vocab}) is smaller than its tokenizer's "
                              f"({len(tokenizer)}); the tokenizer does not belong to this model")
