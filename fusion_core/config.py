@@ -31,6 +31,12 @@ def _resolve(value: Path, info: ValidationInfo) -> Path:
     return Path(os.path.normpath(value)) if value.is_absolute() else value
 
 
+def _require_unique(what: str, names: list[str]) -> None:
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"{what} names must be unique; repeated: {dup}")
+
+
 def _check_paths(info: ValidationInfo) -> bool:
     return bool((info.context or {}).get("check_paths", True))
 
@@ -154,10 +160,7 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _unique(self) -> "DataConfig":
-        names = [c.name for c in self.corpora]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"corpus names must be unique; repeated: {dup}")
+        _require_unique("corpus", [c.name for c in self.corpora])
         return self
 
 
@@ -248,9 +251,7 @@ class PipelineConfig(Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> "PipelineConfig":
         names = [s.name for s in self.sources]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"source names must be unique; repeated: {dup}")
+        _require_unique("source", names)
         if self.target.name in names:
             raise ValueError(f"target name {self.target.name!r} is also a source name")
         if self.fusion.strategy == "single":
