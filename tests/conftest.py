@@ -54,6 +54,14 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_tokenizers(tiny_models) -> dict:
+    """The tokenizers of `tiny_models`, loaded, by family."""
+    from transformers import AutoTokenizer
+
+    return {f: AutoTokenizer.from_pretrained(str(p)) for f, p in tiny_models.items()}
+
+
+@pytest.fixture(scope="session")
 def prefect_harness():
     """A temporary Prefect API and database for the flow tests (about 20 s to start)."""
     from prefect.testing.utilities import prefect_test_harness

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 from conftest import stdlib_texts
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from fusion_core.alignment import (AlignmentStats, align_positions, align_positions_dtw, alignment_rate,
                                    alignment_stats, dtw_align)
@@ -48,8 +48,8 @@ def check_boundaries(text: str, src: EncodedText, tgt: EncodedText, mapping: np.
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_models):
-    return {f: AutoTokenizer.from_pretrained(str(tiny_models[f])) for f in FAMILIES}
+def tiny(tiny_tokenizers):
+    return {f: tiny_tokenizers[f] for f in FAMILIES}
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import AutoTokenizer
 
 from fusion_core.alignment import align_positions
 from fusion_core.tokenization import encode_document
@@ -15,9 +14,8 @@ SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
 
 
 @pytest.fixture(scope="module")
-def toks(tiny_models, smollm2, bert):
-    out = {f: AutoTokenizer.from_pretrained(str(p)) for f, p in tiny_models.items()}
-    return {**out, "smollm2": smollm2, "bert": bert}
+def toks(tiny_tokenizers, smollm2, bert):
+    return {**tiny_tokenizers, "smollm2": smollm2, "bert": bert}
 
 
 @SETTINGS

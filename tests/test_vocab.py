@@ -22,8 +22,8 @@ FAMILIES = ("byte_level", "metaspace", "wordpiece")
 # ----------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
-def tiny(tiny_models):
-    return {f: AutoTokenizer.from_pretrained(str(tiny_models[f])) for f in FAMILIES}
+def tiny(tiny_tokenizers):
+    return {f: tiny_tokenizers[f] for f in FAMILIES}
 
 
 @pytest.fixture(scope="module")
