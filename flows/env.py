@@ -31,6 +31,5 @@ def apply_defaults(workspace: Path | None = None) -> None:
         workspace = Path(workspace)
         os.environ.setdefault("PREFECT_HOME", str(workspace / "prefect"))
         os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(workspace / "prefect" / "results"))
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
         # Prefect creates its home without parents; the workspace may not exist yet.
         Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
