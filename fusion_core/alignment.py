@@ -221,3 +221,243 @@ def align_positions_dtw(src_tokens: list[str], tgt_tokens: list[str]) -> np.ndar
     keep = cut & same
     out[pj[keep] + 1] = pi[keep] + 1
     return out
+
+
+# ----------------------------------------------------------------------------- labelled alignment
+
+# Every target position gets exactly one label. The first four are boundary alignments (the
+# source's next-token prediction at the same boundary), told apart by how the two NEXT tokens
+# compare; MARGINAL positions get the source's distribution restricted to the characters already
+# read (character-level marginalisation, see `fusion_core.marginal`); FALLBACK positions get the
+# one-hot of the true next token; END is the last position, which predicts nothing.
+ONE_TO_ONE_EXACT = 0   # same boundary, next tokens end together and the map sends one to the other
+ONE_TO_ONE_MAPPED = 1  # same boundary, next tokens end together, the map sends it elsewhere
+MANY_TO_ONE = 2        # same boundary, the target's next token spans several source tokens
+ONE_TO_MANY = 3        # same boundary, the source's next token spans several target tokens
+MARGINAL = 4           # the boundary falls inside a source token (or at the start of one no rule paired)
+FALLBACK = 5           # no teacher distribution: one-hot of the true next token
+END = 6                # the last position
+LABEL_NAMES = ("one_to_one_exact", "one_to_one_mapped", "many_to_one", "one_to_many", "marginal", "fallback", "end")
+BOUNDARY_LABELS = (ONE_TO_ONE_EXACT, ONE_TO_ONE_MAPPED, MANY_TO_ONE, ONE_TO_MANY)
+
+
+@dataclass(frozen=True, eq=False)
+class PositionAlignment:
+    """One document's target positions, each with a label and where its teacher signal comes from.
+
+    src_pos:  int64 [n_t]. Boundary labels: the source position at the same boundary. MARGINAL:
+              the source state just BEFORE the source token that contains the target boundary.
+              Otherwise -1.
+    label:    uint8 [n_t], one of the labels above (END exactly at the last position).
+    consumed: int32 [n_t]. MARGINAL: how many characters of that source token's canonical surface
+              (`vocab.token_surfaces`) the target has already read; 0 elsewhere.
+    """
+
+    src_pos: np.ndarray
+    label: np.ndarray
+    consumed: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.label.shape[0])
+
+    @property
+    def boundary(self) -> np.ndarray:
+        """bool [n_t]: positions aligned at a shared boundary (the first four labels)."""
+        return self.label <= ONE_TO_MANY
+
+    @property
+    def tgt_to_src(self) -> np.ndarray:
+        """int64 [n_t]: the boundary-aligned source position, -1 elsewhere (MARGINAL included)."""
+        return np.where(self.boundary, self.src_pos, -1)
+
+    def counts(self) -> np.ndarray:
+        """int64 [len(LABEL_NAMES)]: positions per label."""
+        return np.bincount(self.label, minlength=len(LABEL_NAMES)).astype(np.int64)
+
+
+@dataclass(frozen=True, eq=False)
+class PairTables:
+    """What labelling needs beyond the two encodings: canonical surfaces of both vocabularies
+    (`vocab.token_surfaces`), the source surfaces' lengths, and the vocabulary map."""
+
+    src_surfaces: list[str]
+    tgt_surfaces: list[str]
+    src_to_tgt: np.ndarray
+    src_surface_len: np.ndarray
+
+    @classmethod
+    def build(cls, src_tokenizer, tgt_tokenizer, src_to_tgt: np.ndarray) -> "PairTables":
+        from fusion_core.vocab import token_surfaces
+
+        src = token_surfaces(src_tokenizer)
+        tgt = src if src_tokenizer is tgt_tokenizer else token_surfaces(tgt_tokenizer)
+        return cls.from_surfaces(src, tgt, src_to_tgt)
+
+    @classmethod
+    def from_surfaces(cls, src_surfaces: list[str], tgt_surfaces: list[str], src_to_tgt) -> "PairTables":
+        lengths = np.fromiter((len(s) for s in src_surfaces), dtype=np.int64, count=len(src_surfaces))
+        return cls(list(src_surfaces), list(tgt_surfaces), np.asarray(src_to_tgt, dtype=np.int64), lengths)
+
+
+def _match_identical_segments(src: EncodedText, tgt: EncodedText, mapping: np.ndarray, tables: PairTables) -> None:
+    """Align, in place, the inner positions of segments both sides spell with the same tokens.
+
+    Between two aligned boundaries (or an aligned boundary and the end of both texts), when the
+    target and the source read the same number of tokens and their canonical surfaces are equal
+    one by one, the inner states are the same states: aligned 1:1. This covers what boundaries
+    alone cannot see: the byte pieces of one character (an emoji split into byte tokens) and
+    SentencePiece's prepended `▁`. A tokenizer aligned with itself is therefore the identity.
+    """
+    n_t, n_s = len(tgt), len(src)
+    miss = np.flatnonzero(mapping < 0)
+    if miss.size == 0 or n_t == 0:
+        return
+    starts = miss[np.r_[True, np.diff(miss) > 1]]
+    stops = miss[np.r_[np.diff(miss) > 1, True]]  # inclusive
+    ok = starts > 0
+    starts, stops = starts[ok], stops[ok]
+    if starts.size == 0:
+        return
+    ta = starts - 1
+    sa = mapping[ta]
+    at_end = stops == n_t - 1
+    tb = np.where(at_end, n_t - 1, np.minimum(stops + 1, n_t - 1))
+    sb = np.where(at_end, n_s - 1, mapping[tb])
+    # Inner positions ta+1..stops; tokens read ta+1..tb (target) and sa+1..sb (source).
+    keep = (sa >= 0) & (sb >= 0) & (tb - ta == sb - sa)
+    t_ids, s_ids = tgt.ids, src.ids
+    t_surf, s_surf = tables.tgt_surfaces, tables.src_surfaces
+    for a, b, s0 in zip(ta[keep].tolist(), tb[keep].tolist(), sa[keep].tolist()):
+        span = b - a
+        if all(_surface(t_surf, t_ids[a + k]) == _surface(s_surf, s_ids[s0 + k]) for k in range(1, span + 1)):
+            mapping[a + 1:b + 1] = np.arange(s0 + 1, s0 + span + 1)
+
+
+def _surface(surfaces: list[str], token_id) -> str | None:
+    i = int(token_id)
+    return surfaces[i] if 0 <= i < len(surfaces) else None
+
+
+def label_positions(src: EncodedText, tgt: EncodedText, mapping: np.ndarray, tables: PairTables | None,
+                    *, marginalize: bool = True, text: str | None = None) -> PositionAlignment:
+    """Label every target position given its boundary alignment (`align_positions` / `_dtw`).
+
+    Without `tables` (no surfaces, no map), 1:1 positions are all ONE_TO_ONE_MAPPED and no
+    position is MARGINAL. Vectorised; deterministic.
+    """
+    n_t, n_s = len(tgt), len(src)
+    mapping = np.asarray(mapping, dtype=np.int64).copy()
+    label = np.full(n_t, FALLBACK, dtype=np.uint8)
+    consumed = np.zeros(n_t, dtype=np.int32)
+    if n_t == 0:
+        return PositionAlignment(mapping, label, consumed)
+    predicting = np.arange(n_t) < n_t - 1
+    t = np.flatnonzero(predicting & (mapping >= 0))
+    if t.size:
+        s = mapping[t]
+        t_next = tgt.ends[t + 1]
+        has_next = s + 1 < n_s
+        s_next = np.where(has_next, src.ends[np.minimum(s + 1, n_s - 1)], np.iinfo(np.int64).max)
+        same = t_next == s_next
+        exact = np.zeros(t.size, dtype=bool)
+        if tables is not None:
+            nxt = src.ids[np.minimum(s + 1, n_s - 1)]
+            inside = has_next & (nxt >= 0) & (nxt < tables.src_to_tgt.size)
+            exact[inside] = tables.src_to_tgt[nxt[inside]] == tgt.ids[t[inside] + 1]
+        label[t] = np.where(same, np.where(exact, ONE_TO_ONE_EXACT, ONE_TO_ONE_MAPPED),
+                            np.where(t_next > s_next, MANY_TO_ONE, ONE_TO_MANY))
+    if marginalize and tables is not None and n_s > 1:
+        u = np.flatnonzero(predicting & (mapping < 0))
+        e = tgt.ends[u]
+        j = np.searchsorted(src.ends, e, side="right")  # first source token that ends after e
+        ok = (j >= 1) & (j < n_s)
+        jc = np.clip(j, 1, n_s - 1)
+        start, stop = src.spans[jc, 0], src.spans[jc, 1]
+        tok = src.ids[jc]
+        in_vocab = (tok >= 0) & (tok < tables.src_surface_len.size)
+        # The surface may carry one character the text does not show there (WordPiece's and
+        # SentencePiece's word-start space); any other length difference: not marginalised.
+        extra = np.where(in_vocab, tables.src_surface_len[np.where(in_vocab, tok, 0)], 0) - (stop - start)
+        # e inside token j's own text, or at its start where the boundary rules paired nothing
+        # (whitespace read differently by the two sides: c is then empty, or the surface's space),
+        # or one space before it when that space is the surface's word-start space (WordPiece
+        # reads no whitespace, so its " word" predicts the space too; needs the text).
+        inside = (start <= e) & (stop > e)
+        if text is not None and len(text):
+            spaced = (extra == 1) & (start == e + 1) & (e < len(text))
+            if spaced.any():
+                codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+                spaced &= codes[np.minimum(e, len(codes) - 1)] == 32
+            extra = np.where(spaced, 0, extra)
+            inside |= spaced
+        ok &= inside & in_vocab
+        ok &= start >= src.ends[jc - 1]           # token j starts on a clean boundary
+        after = np.minimum(jc + 1, n_s - 1)       # token j is not one byte piece of a split character
+        ok &= (jc + 1 >= n_s) | (src.spans[after, 0] >= stop)
+        ok &= tgt.spans[np.minimum(u + 1, n_t - 1), 0] >= e  # the target's next token starts at e
+        ok &= (extra == 0) | (extra == 1)
+        u, jc, extra, e, start = u[ok], jc[ok], extra[ok], e[ok], start[ok]
+        label[u] = MARGINAL
+        mapping[u] = jc - 1
+        consumed[u] = np.maximum(extra + (e - start), 0)
+    label[n_t - 1] = END
+    mapping[label >= FALLBACK] = -1
+    return PositionAlignment(mapping, label, consumed)
+
+
+def align_document(src: EncodedText, tgt: EncodedText, tables: PairTables | None = None, *,
+                   marginalize: bool = True, text: str | None = None) -> PositionAlignment:
+    """Boundary alignment (`align_positions`), identical segments, then labels (module doc).
+
+    text: the document (optional): lets a word-start surface space stand for a text space.
+    """
+    mapping = align_positions(src, tgt)
+    if tables is not None:
+        _match_identical_segments(src, tgt, mapping, tables)
+    return label_positions(src, tgt, mapping, tables, marginalize=marginalize, text=text)
+
+
+def align_document_dtw(src: EncodedText, tgt: EncodedText, tables: PairTables) -> PositionAlignment:
+    """The DTW fallback (`align_positions_dtw` over canonical surfaces), labelled the same way.
+
+    Lengths are measured on the surfaces (no offsets are trusted), so no position is MARGINAL.
+    """
+    s_tokens = [_surface(tables.src_surfaces, i) or "" for i in src.ids[1:].tolist()]
+    t_tokens = [_surface(tables.tgt_surfaces, i) or "" for i in tgt.ids[1:].tolist()]
+    mapping = align_positions_dtw(s_tokens, t_tokens)
+
+    def pseudo(enc: EncodedText, tokens: list[str]) -> EncodedText:
+        ends = np.concatenate([[0], np.cumsum([len(x) for x in tokens], dtype=np.int64)]).astype(np.int64)
+        spans = np.stack([np.r_[0, ends[:-1]], ends], axis=1)
+        return EncodedText(ids=enc.ids, ends=ends, spans=spans, anchors=None)
+
+    return label_positions(pseudo(src, s_tokens), pseudo(tgt, t_tokens), mapping, tables, marginalize=False)
+
+
+def coverage_metrics(labels_by_domain: dict[str, np.ndarray]) -> dict[str, float]:
+    """Metrics from positions-per-label counts per domain (END excluded: it predicts nothing).
+
+    coverage: share of positions with a teacher distribution (boundary labels + MARGINAL);
+    boundary_rate: boundary labels only (what alignment without marginalisation gives);
+    <label>_rate for each label; positions. Each also per domain as `<name>.<domain>`.
+    """
+    out: dict[str, float] = {}
+    total = np.zeros(len(LABEL_NAMES), dtype=np.int64)
+    for domain in sorted(labels_by_domain):
+        counts = np.asarray(labels_by_domain[domain], dtype=np.int64)
+        total += counts
+        out.update({f"{k}.{domain}": v for k, v in _rates(counts).items()})
+    out.update(_rates(total))
+    return out
+
+
+def _rates(counts: np.ndarray) -> dict[str, float]:
+    n = int(counts[:END].sum())
+    out = {"positions": float(n)}
+    if n == 0:
+        return out
+    out["coverage"] = float(counts[:FALLBACK].sum()) / n
+    out["boundary_rate"] = float(counts[:MARGINAL].sum()) / n
+    for k in range(END):
+        out[f"{LABEL_NAMES[k]}_rate"] = float(counts[k]) / n
+    return out

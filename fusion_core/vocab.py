@@ -390,6 +390,10 @@ class VocabularyMap:
     def __len__(self) -> int:
         return int(self.src_to_tgt.shape[0])
 
+    def special_mask(self) -> np.ndarray:
+        """bool [V_src]: source ids that are special tokens (or padded/missing ids)."""
+        return np.isin(self.kind, (SPECIAL, SPECIAL_FALLBACK))
+
     def stats(self) -> dict[str, float]:
         n = max(len(self), 1)
         out = {"src_vocab_size": float(len(self)), "tgt_vocab_size": float(self.tgt_vocab_size),
@@ -465,6 +469,10 @@ def build_vocabulary_map(src_tokenizer, tgt_tokenizer, *, src_vocab_size: int | 
     src_vocab_size: the source MODEL's output size when larger than len(src_tokenizer) (padded
     embedding rows, e.g. Qwen); the extra ids map like unknown specials (SPECIAL_FALLBACK).
     """
+    for side, tok in (("source", src_tokenizer), ("target", tgt_tokenizer)):
+        problem = vocabulary_problem(tok)
+        if problem is not None:
+            raise ValueError(f"{side} tokenizer {getattr(tok, 'name_or_path', '') or ''!s}: {problem}".replace("  ", " "))
     src, tgt = _analyse(src_tokenizer), _analyse(tgt_tokenizer)
     n_src = max(len(src.surfaces), src_vocab_size or 0)
     n_tgt = len(tgt.surfaces)
@@ -627,3 +635,62 @@ def tokenizer_fingerprint(tokenizer) -> str:
                         sort_keys=True).encode())
     return h.hexdigest()[:32]
 
+
+
+# ----------------------------------------------------------------------------- lookups by text
+
+@dataclass(frozen=True, eq=False)
+class SurfaceLookup:
+    """Text -> the token id that stands for it, in one tokenizer (for character-level projection).
+
+    `representatives`: canonical surface -> id, non-special tokens only, a regular token before
+    a byte-fallback token before an added token, then the lowest id (as the vocabulary map
+    chooses). `normaliser`: the tokenizer's own text normaliser (lower-casing, accents), or None.
+    """
+
+    representatives: dict[str, int]
+    normaliser: Callable[[str], str] | None
+    max_length: int
+
+    def exact(self, text: str) -> int:
+        """The id whose surface is `text` (after the normaliser when plain lookup fails), or -1."""
+        j = self.representatives.get(text)
+        if j is None and self.normaliser is not None and not _has_surrogate(text):
+            j = self.representatives.get(self.normaliser(text))
+        return -1 if j is None else j
+
+    def longest_prefix(self, text: str) -> int:
+        """The id of the longest surface that `text` starts with (normaliser applied), or -1."""
+        if self.normaliser is not None and not _has_surrogate(text):
+            text = self.normaliser(text)
+        for n in range(min(len(text), self.max_length), 0, -1):
+            j = self.representatives.get(text[:n])
+            if j is not None:
+                return j
+        return -1
+
+
+def surface_lookup(tokenizer) -> SurfaceLookup:
+    a = _analyse(tokenizer)
+    candidates = np.flatnonzero(~a.special)
+    order = candidates[np.lexsort((candidates, a.rank[candidates]))]
+    rep: dict[str, int] = {}
+    for j in order.tolist():
+        rep.setdefault(a.surfaces[j], j)
+    return SurfaceLookup(rep, a.normaliser, max((len(s) for s in rep), default=0))
+
+
+def text_normaliser(tokenizer) -> Callable[[str], str] | None:
+    """The text-changing part of the tokenizer's normalizer (lower-casing, accents, NF*), or None."""
+    return _analyse(tokenizer).normaliser
+
+
+def vocabulary_problem(tokenizer) -> str | None:
+    """Why a tokenizer cannot take part in alignment (no vocabulary, only special tokens), or None."""
+    n = len(tokenizer)
+    if n == 0:
+        return "the tokenizer has no vocabulary (0 tokens)"
+    a = _analyse(tokenizer)
+    if not (~a.special).any():
+        return f"the tokenizer has no text tokens: all {n} of its tokens are special"
+    return None

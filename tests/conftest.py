@@ -161,3 +161,21 @@ def stdlib_texts() -> tuple[list[str], list[str]]:
                 if doc and len(doc) > 300 and ">>>" not in doc:
                     prose.append(doc)
     return prose, code
+
+
+@pytest.fixture(scope="session")
+def pair_tables(tiny_tokenizers, smollm2, bert):
+    """pair_tables(a, b): `alignment.PairTables` (surfaces + vocabulary map) for two tokenizers by
+    name (the tiny families, "smollm2", "bert"), built once per session."""
+    from fusion_core.alignment import PairTables
+    from fusion_core.vocab import build_vocabulary_map
+
+    toks = {**tiny_tokenizers, "smollm2": smollm2, "bert": bert}
+    cache: dict = {}
+
+    def get(a: str, b: str) -> PairTables:
+        if (a, b) not in cache:
+            cache[a, b] = PairTables.build(toks[a], toks[b], build_vocabulary_map(toks[a], toks[b]).src_to_tgt)
+        return cache[a, b]
+
+    return get
