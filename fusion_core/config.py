@@ -166,7 +166,18 @@ class DataConfig(Section):
 
 class AlignmentConfig(Section):
     method: Literal["offsets", "dtw"] = Field(
-        "offsets", description="offsets: character offsets (DTW fallback for tokenizers without them)")
+        "offsets", description="offsets: align by character offsets; dtw: minimum-edit-distance DTW over token "
+                               "surfaces (for tokenizers whose offsets cannot be trusted)")
+    marginalize: bool = Field(
+        True, description="give target positions that cut inside a source token the source's distribution "
+                          "restricted to the characters already read (character-level marginalisation) "
+                          "instead of the one-hot of the next token")
+    projection: Literal["map", "text"] = Field(
+        "map", description="map: a source prediction at a shared boundary becomes a target token through the "
+                           "vocabulary map (FuseLLM); text: where the two next tokens differ, by its text (the "
+                           "true next token when the document continues with it, else its twin or the longest "
+                           "target token it starts with)")
+    report_examples: int = Field(5, ge=0, le=100, description="worst-aligned spans shown in the alignment report")
 
 
 class TeacherConfig(Section):

@@ -28,6 +28,9 @@ class SourceScores:
     topk_ids: np.ndarray       # int64 [n_s, k], source vocabulary
     topk_logprobs: np.ndarray  # float32 [n_s, k], log-softmax(logits / T)
     token_ce: np.ndarray       # float32 [n_s - 1], -log p(next token) at T = 1
+    # Restricted top-k at the marginal queries (`marginal`), in the order they were asked:
+    marginal_ids: np.ndarray | None = None       # int64 [q, k] source ids, -inf rows padded with 0
+    marginal_logprobs: np.ndarray | None = None  # float32 [q, k], log p_T(v | v starts with c)
 
     @property
     def seq_ce(self) -> float:
@@ -40,22 +43,32 @@ class TeacherRecord:
 
     ids: np.ndarray        # int64 [n_t, k], target vocabulary
     logprobs: np.ndarray   # float32 [n_t, k]; -inf marks an unused entry
-    aligned: np.ndarray    # bool [n_t]
+    aligned: np.ndarray    # bool [n_t]: the position holds a teacher distribution (not a fallback)
     seq_ce: float          # the source's mean CE on the document (its own tokens)
     source_tokens: int
+    label: np.ndarray | None = None  # uint8 [n_t]: alignment label as realised (alignment.LABEL_NAMES)
 
 
 def score_documents(model, tokenizer, texts: Sequence[str], *, top_k: int, temperature: float = 1.0,
                     batch_size: int = 8, device: str = "cpu",
-                    progress: Callable[[int, int], None] | None = None) -> list[SourceScores]:
+                    progress: Callable[[int, int], None] | None = None,
+                    encoded: Sequence[EncodedText] | None = None,
+                    marginal_queries: Sequence[np.ndarray] | None = None,
+                    prefix_order: np.ndarray | None = None) -> list[SourceScores]:
     """Top-k log-probabilities and per-token CE of `model` on each text (start token prepended).
 
     Documents are batched by length (longest first) so padding stays small. The result is in
     the order of `texts`. progress(tokens_done, docs_done) is called after each batch.
+
+    marginal_queries: per text an int64 [q, 3] array of (source position, lo, hi); for each the
+    top-k of the temperature-scaled distribution at that position restricted to the token ids
+    prefix_order[lo:hi] and renormalised over them (`fusion_core.marginal`).
     """
     import torch
 
-    encoded = [encode_document(tokenizer, t) for t in texts]
+    if encoded is None:
+        encoded = [encode_document(tokenizer, t) for t in texts]
+    order_t = torch.from_numpy(np.asarray(prefix_order, dtype=np.int64)) if prefix_order is not None else None
     order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     results: list[SourceScores | None] = [None] * len(texts)
@@ -69,6 +82,7 @@ def score_documents(model, tokenizer, texts: Sequence[str], *, top_k: int, tempe
         for r, i in enumerate(idx):
             ids[r, :lengths[r]] = torch.from_numpy(encoded[i].ids)
             mask[r, :lengths[r]] = 1
+        marg: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         with torch.inference_mode():
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
             logp = torch.log_softmax(logits, dim=-1)
@@ -76,16 +90,44 @@ def score_documents(model, tokenizer, texts: Sequence[str], *, top_k: int, tempe
             ce = -logp[:, :-1].gather(-1, nxt[..., None])[..., 0]
             scaled = logp if temperature == 1.0 else torch.log_softmax(logits / temperature, dim=-1)
             top_lp, top_ids = scaled.topk(top_k, dim=-1)
+            if marginal_queries is not None:
+                dev_order = order_t.to(scaled.device) if order_t is not None else None
+                for r, i in enumerate(idx):
+                    marg[i] = _restricted_topk(scaled[r], marginal_queries[i], dev_order, top_k)
         top_lp, top_ids, ce = top_lp.cpu().numpy(), top_ids.cpu().numpy(), ce.cpu().numpy()
         for r, i in enumerate(idx):
             n = lengths[r]
+            m_ids, m_lp = marg.get(i, (None, None))
             results[i] = SourceScores(topk_ids=top_ids[r, :n].astype(np.int64),
                                       topk_logprobs=top_lp[r, :n].astype(np.float32),
-                                      token_ce=ce[r, :n - 1].astype(np.float32))
+                                      token_ce=ce[r, :n - 1].astype(np.float32),
+                                      marginal_ids=m_ids, marginal_logprobs=m_lp)
         done_tokens += sum(lengths)
         if progress is not None:
             progress(done_tokens, b + len(idx))
     return results  # type: ignore[return-value]
+
+
+def _restricted_topk(logp, queries: np.ndarray, order_t, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per query (position, lo, hi): top-k of logp[position] over ids order_t[lo:hi], renormalised."""
+    import torch
+
+    queries = np.asarray(queries, dtype=np.int64).reshape(-1, 3)
+    out_ids = np.zeros((len(queries), k), dtype=np.int64)
+    out_lp = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    if order_t is None and len(queries):
+        raise ValueError("marginal queries need the source's prefix order (marginal.PrefixIndex.order)")
+    for r, (pos, lo, hi) in enumerate(queries.tolist()):
+        if hi <= lo:
+            continue
+        cand = order_t[lo:hi]
+        sub = logp[pos].index_select(0, cand)
+        lse = torch.logsumexp(sub, 0)
+        kk = min(k, hi - lo)
+        v, ix = sub.topk(kk)
+        out_ids[r, :kk] = cand[ix].cpu().numpy()
+        out_lp[r, :kk] = (v - lse).cpu().numpy()
+    return out_ids, out_lp
 
 
 def merge_duplicates(ids: np.ndarray, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -119,30 +161,88 @@ def merge_duplicates(ids: np.ndarray, logprobs: np.ndarray) -> tuple[np.ndarray,
     return out_ids, out_lp.astype(np.float32)
 
 
-def project_to_target(scores: SourceScores, tgt_to_src: np.ndarray, target: EncodedText,
-                      src_to_tgt: np.ndarray) -> TeacherRecord:
+def project_to_target(scores: SourceScores, alignment, target: EncodedText, src_to_tgt: np.ndarray, *,
+                      marginalizer=None, text: str | None = None, src_ids: np.ndarray | None = None,
+                      src_special: np.ndarray | None = None, projection: str = "map",
+                      src_ends: np.ndarray | None = None) -> TeacherRecord:
     """Map a source's predictions onto target positions and ids.
 
-    tgt_to_src: [n_t] source position aligned with each target position, -1 where none.
+    alignment: an `alignment.PositionAlignment`, or a plain int64 [n_t] array of the source
+    position aligned with each target position (-1 where none; all taken as boundary positions).
     src_to_tgt: the vocabulary map, [V_src] -> target id.
+    MARGINAL positions need `marginalizer` (a `marginal.Marginalizer`), the document's `text`,
+    the source's `src_ids` and the restricted top-k in `scores.marginal_*` (in the order of the
+    MARGINAL positions); without them, or where no candidate survives, they fall back.
+    src_special: bool [V_src]; predictions of these source ids (unk, pad, bos, eos...) are dropped:
+    a position that predicts a next token never has a special one in the text, and a source's
+    unk must not teach the target to emit its own unk.
+    projection: "map" (every boundary position through the vocabulary map) or "text": boundary
+    positions whose next tokens differ (one_to_one_mapped, many_to_one, one_to_many) and where both
+    sides have read exactly the same text (src_ends[s] == target.ends[t]) project each candidate
+    by its surface, as MARGINAL positions do with nothing read yet (`marginal.Marginalizer.project`):
+    a candidate the text continues with -> the true next target token, else its twin or the
+    longest target token it starts with. Needs marginalizer, text and src_ends.
     """
+    from fusion_core.alignment import (
+        END, FALLBACK, MANY_TO_ONE, MARGINAL, ONE_TO_MANY, ONE_TO_ONE_MAPPED, PositionAlignment,
+    )
+
     n_t, k = len(target), scores.topk_ids.shape[1]
+    if not isinstance(alignment, PositionAlignment):
+        src_pos = np.asarray(alignment, dtype=np.int64)
+        label = np.where(src_pos >= 0, ONE_TO_ONE_MAPPED, FALLBACK).astype(np.uint8)
+        if n_t:
+            label[-1] = END
+        alignment = PositionAlignment(src_pos, label, np.zeros(n_t, dtype=np.int32))
+    if len(alignment) != n_t:
+        raise ValueError(f"alignment has {len(alignment)} positions, the target tokenization {n_t}")
+    label = alignment.label.copy()
+    src_pos = alignment.src_pos
     ids = np.zeros((n_t, k), dtype=np.int64)
     lp = np.full((n_t, k), -np.inf, dtype=np.float32)
-    aligned = np.zeros(n_t, dtype=bool)
-    has_next = np.arange(n_t) < n_t - 1
-    src_pos = np.asarray(tgt_to_src, dtype=np.int64)
-    use = has_next & (src_pos >= 0) & (src_pos < len(scores.topk_ids))
-    if use.any():
-        mapped = src_to_tgt[scores.topk_ids[src_pos[use]]]
-        m_ids, m_lp = merge_duplicates(mapped, scores.topk_logprobs[src_pos[use]])
-        ids[use], lp[use], aligned[use] = m_ids, m_lp, True
+    boundary = alignment.boundary & (src_pos >= 0) & (src_pos < len(scores.topk_ids))
+    label[alignment.boundary & ~boundary] = FALLBACK
+    if boundary.any():
+        top = scores.topk_ids[src_pos[boundary]]
+        top_lp = scores.topk_logprobs[src_pos[boundary]]
+        if src_special is not None:
+            top_lp = np.where(src_special[top], -np.inf, top_lp).astype(np.float32)
+        ids[boundary], lp[boundary] = merge_duplicates(src_to_tgt[top], top_lp)
+        if projection == "text" and marginalizer is not None and text is not None and src_ends is not None:
+            pos = np.flatnonzero(boundary)
+            sel = np.isin(label[pos], (ONE_TO_ONE_MAPPED, MANY_TO_ONE, ONE_TO_MANY))
+            sel &= np.asarray(src_ends)[src_pos[pos]] == target.ends[pos]
+            if sel.any():
+                rows = np.flatnonzero(sel)
+                t_ids, t_lp = marginalizer.project(top[rows], top_lp[rows], [""] * rows.size, text,
+                                                   target.ends[pos[rows]], target.ids[pos[rows] + 1])
+                ids[pos[rows]], lp[pos[rows]] = merge_duplicates(t_ids, t_lp)
+        elif projection not in ("map", "text"):
+            raise ValueError(f"projection must be 'map' or 'text', not {projection!r}")
+        label[np.flatnonzero(boundary)[~np.isfinite(lp[boundary, 0])]] = FALLBACK
+    marg = np.flatnonzero(label == MARGINAL)
+    if marg.size:
+        if marginalizer is None or text is None or src_ids is None or scores.marginal_ids is None \
+                or len(scores.marginal_ids) != marg.size:
+            label[marg] = FALLBACK
+        else:
+            prefixes = [marginalizer.prefix(int(src_ids[s + 1]), int(c))
+                        for s, c in zip(src_pos[marg].tolist(), alignment.consumed[marg].tolist())]
+            m_ids, m_lp = marginalizer.project(scores.marginal_ids, scores.marginal_logprobs, prefixes, text,
+                                               target.ends[marg], target.ids[marg + 1])
+            m_ids, m_lp = merge_duplicates(m_ids, m_lp)
+            ids[marg], lp[marg] = m_ids, m_lp
+            label[marg[~np.isfinite(m_lp[:, 0])]] = FALLBACK
     # No teacher signal: the one-hot of the TRUE NEXT token (label at t), flagged.
-    fallback = has_next & ~use
-    ids[fallback, 0] = target.ids[1:][fallback[:-1]] if n_t > 1 else 0
+    fallback = np.flatnonzero(label == FALLBACK)
+    fallback = fallback[fallback < n_t - 1]
+    ids[fallback] = 0
+    lp[fallback] = -np.inf
+    ids[fallback, 0] = target.ids[fallback + 1]
     lp[fallback, 0] = 0.0
+    aligned = label < FALLBACK
     return TeacherRecord(ids=ids, logprobs=lp, aligned=aligned, seq_ce=scores.seq_ce,
-                         source_tokens=len(scores.topk_ids))
+                         source_tokens=len(scores.topk_ids), label=label)
 
 
 # ---------------------------------------------------------------- shards
@@ -171,6 +271,7 @@ def write_shard(path: Path, doc_ids: Sequence[str], domains: Sequence[str], reco
         "ids": pa.array([r.ids.astype(dt).ravel() for r in records], pa.list_(arrow_dt)),
         "logprobs": pa.array([r.logprobs.astype(np.float16).ravel() for r in records], pa.list_(pa.float16())),
         "aligned": pa.array([r.aligned for r in records], pa.list_(pa.bool_())),
+        "label": pa.array([_label_of(r) for r in records], pa.list_(pa.uint8())),
         "seq_ce": pa.array([r.seq_ce for r in records], pa.float32()),
         "source_tokens": pa.array([r.source_tokens for r in records], pa.int32()),
     }, metadata={"top_k": str(k), "vocab_size": str(vocab_size)})
@@ -178,6 +279,17 @@ def write_shard(path: Path, doc_ids: Sequence[str], domains: Sequence[str], reco
     pq.write_table(table, tmp, compression="zstd")
     os.replace(tmp, path)
     return Path(path).stat().st_size
+
+
+def _label_of(record: TeacherRecord) -> np.ndarray:
+    from fusion_core.alignment import END, FALLBACK, ONE_TO_ONE_MAPPED
+
+    if record.label is not None:
+        return np.asarray(record.label, dtype=np.uint8)
+    label = np.where(record.aligned, ONE_TO_ONE_MAPPED, FALLBACK).astype(np.uint8)
+    if label.size:
+        label[-1] = END
+    return label
 
 
 def read_shards(folder: Path) -> dict[str, TeacherRecord]:
@@ -190,6 +302,7 @@ def read_shards(folder: Path) -> dict[str, TeacherRecord]:
         k = int(table.schema.metadata[b"top_k"])
         cols = {c: table.column(c).to_pylist() for c in ("doc_id", "positions", "seq_ce", "source_tokens")}
         ids_col, lp_col, al_col = table.column("ids"), table.column("logprobs"), table.column("aligned")
+        lab_col = table.column("label") if "label" in table.column_names else None
         for row, doc_id in enumerate(cols["doc_id"]):
             n = cols["positions"][row]
             out[doc_id] = TeacherRecord(
@@ -197,6 +310,8 @@ def read_shards(folder: Path) -> dict[str, TeacherRecord]:
                 logprobs=np.asarray(lp_col[row].values.to_numpy(zero_copy_only=False),
                                     dtype=np.float32).reshape(n, k),
                 aligned=np.asarray(al_col[row].values.to_numpy(zero_copy_only=False), dtype=bool),
+                label=(None if lab_col is None else
+                       np.asarray(lab_col[row].values.to_numpy(zero_copy_only=False), dtype=np.uint8)),
                 seq_ce=float(cols["seq_ce"][row]), source_tokens=int(cols["source_tokens"][row]))
     return out
 
@@ -209,6 +324,8 @@ class TeacherRunStats:
     seconds: float
     bytes: int
     ce_by_domain: dict[str, float]
+    # positions per realised alignment label (alignment.LABEL_NAMES), per domain
+    labels_by_domain: dict[str, np.ndarray] | None = None
 
     def metrics(self) -> dict[str, float]:
         m = {"documents": self.documents, "source_tokens": self.source_tokens,
@@ -218,20 +335,32 @@ class TeacherRunStats:
         for d, ce in self.ce_by_domain.items():
             m[f"ce.{d}"] = ce
             m[f"perplexity.{d}"] = float(np.exp(ce))
+        if self.labels_by_domain:
+            from fusion_core.alignment import coverage_metrics
+
+            m.update(coverage_metrics(self.labels_by_domain))
         return m
 
 
-def run_teacher(model, src_tokenizer, tgt_tokenizer, docs: Sequence[Document], tgt_to_src: dict[str, np.ndarray],
+def run_teacher(model, src_tokenizer, tgt_tokenizer, docs: Sequence[Document], alignments: dict,
                 src_to_tgt: np.ndarray, out_dir: Path, *, top_k: int, temperature: float, batch_size: int,
-                docs_per_shard: int, device: str = "cpu",
-                progress: Callable[[int, int], None] | None = None) -> TeacherRunStats:
-    """Score `docs` with one source and write its shards (shard-00000.parquet, ...) into out_dir."""
+                docs_per_shard: int, device: str = "cpu", marginalizer=None, src_special: np.ndarray | None = None,
+                projection: str = "map", progress: Callable[[int, int], None] | None = None) -> TeacherRunStats:
+    """Score `docs` with one source and write its shards (shard-00000.parquet, ...) into out_dir.
+
+    alignments: document id -> `alignment.PositionAlignment` (or a plain tgt_to_src array).
+    marginalizer: a `marginal.Marginalizer` for MARGINAL positions; None: they fall back.
+    projection: how boundary positions project (`project_to_target`).
+    """
+    from fusion_core.alignment import LABEL_NAMES, MARGINAL, PositionAlignment
+
     start = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokens = positions = size = 0
     ce_sum: dict[str, float] = {}
     ce_n: dict[str, int] = {}
+    labels: dict[str, np.ndarray] = {}
     done_docs = 0
     for s, lo in enumerate(range(0, len(docs), docs_per_shard)):
         chunk = docs[lo:lo + docs_per_shard]
@@ -241,14 +370,32 @@ def run_teacher(model, src_tokenizer, tgt_tokenizer, docs: Sequence[Document], t
             if progress is not None:
                 progress(base_tokens + t, done_docs + d)
 
+        missing = [d.id for d in chunk if d.id not in alignments]
+        if missing:
+            raise KeyError(f"document {missing[0]!r} has no alignment for this source "
+                           f"({len(missing)} such documents): the alignment stage is out of date")
+        encoded = [encode_document(src_tokenizer, d.text) for d in chunk]
+        queries = None
+        if marginalizer is not None:
+            queries = []
+            for doc, enc in zip(chunk, encoded):
+                al = alignments[doc.id]
+                marg = np.flatnonzero(al.label == MARGINAL) if isinstance(al, PositionAlignment) else np.zeros(0, int)
+                queries.append(marginalizer.queries(enc.ids, al.src_pos[marg], al.consumed[marg]) if marg.size
+                               else np.zeros((0, 3), dtype=np.int64))
         scores = score_documents(model, src_tokenizer, [d.text for d in chunk], top_k=top_k,
-                                 temperature=temperature, batch_size=batch_size, device=device, progress=_progress)
+                                 temperature=temperature, batch_size=batch_size, device=device, progress=_progress,
+                                 encoded=encoded, marginal_queries=queries,
+                                 prefix_order=marginalizer.index.order if marginalizer is not None else None)
         records = []
-        for doc, sc in zip(chunk, scores):
-            if doc.id not in tgt_to_src:
-                raise KeyError(f"document {doc.id!r} has no alignment for this source")
+        for doc, enc, sc in zip(chunk, encoded, scores):
             target = encode_document(tgt_tokenizer, doc.text)
-            records.append(project_to_target(sc, tgt_to_src[doc.id], target, src_to_tgt))
+            rec = project_to_target(sc, alignments[doc.id], target, src_to_tgt, marginalizer=marginalizer,
+                                    text=doc.text, src_ids=enc.ids, src_special=src_special,
+                                    projection=projection, src_ends=enc.ends)
+            records.append(rec)
+            counts = np.bincount(rec.label, minlength=len(LABEL_NAMES))
+            labels[doc.domain] = labels.get(doc.domain, 0) + counts
             tokens += len(sc.topk_ids)
             positions += len(target)
             ce_sum[doc.domain] = ce_sum.get(doc.domain, 0.0) + float(sc.token_ce.sum())
@@ -258,7 +405,8 @@ def run_teacher(model, src_tokenizer, tgt_tokenizer, docs: Sequence[Document], t
         done_docs += len(chunk)
     ce_by_domain = {d: ce_sum[d] / ce_n[d] for d in sorted(ce_sum) if ce_n[d]}
     return TeacherRunStats(documents=len(docs), source_tokens=tokens, target_positions=positions,
-                           seconds=time.perf_counter() - start, bytes=size, ce_by_domain=ce_by_domain)
+                           seconds=time.perf_counter() - start, bytes=size, ce_by_domain=ce_by_domain,
+                           labels_by_domain=labels)
 
 
 def iter_fusion_examples(docs: Sequence[Document], tgt_tokenizer,

@@ -1,4 +1,4 @@
-"""Stage 2, align_vocabularies: per source, a vocabulary map and every document's position alignment."""
+"""Stage 2, align_vocabularies: per source, a vocabulary map, every document's labelled alignment, a report."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,12 +6,13 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from fusion_core.corpus_alignment import align_corpus, save_alignment
+from fusion_core.corpus_alignment import ALIGNMENT_FORMAT, align_corpus, save_alignment
 from fusion_core.data import read_documents
 from fusion_core.models import load_tokenizer, model_vocab_size
 from fusion_core.vocab import VOCAB_MAP_VERSION, VocabularyMap, build_vocabulary_map, tokenizer_fingerprint
 from tasks.common import run_logger
 from tasks.stage import RunContext, StageResult, run_stage, stage_key
+from tasks.tracking import log_file_artifact
 
 
 def vocabulary_map(src_tok, tgt_tok, cache_dir: Path, src_vocab_size: int | None = None) -> VocabularyMap:
@@ -29,7 +30,9 @@ def vocabulary_map(src_tok, tgt_tok, cache_dir: Path, src_vocab_size: int | None
 @task(name="align_vocabularies", cache_policy=NO_CACHE, persist_result=False)
 def align_vocabularies(ctx: RunContext, data: StageResult) -> StageResult:
     cfg = ctx.config
-    key = stage_key("align_vocabularies", cfg.alignment, VOCAB_MAP_VERSION, data.key, [m.key for m in ctx.sources], ctx.target.key)
+    acfg = cfg.alignment
+    key = stage_key("align_vocabularies", acfg, VOCAB_MAP_VERSION, ALIGNMENT_FORMAT, data.key,
+                    [m.key for m in ctx.sources], ctx.target.key)
     logger = run_logger()
 
     def build(tmp: Path, meta: dict) -> dict[str, float]:
@@ -41,12 +44,24 @@ def align_vocabularies(ctx: RunContext, data: StageResult) -> StageResult:
             vmap = vocabulary_map(src_tok, tgt_tok, cfg.workspace.root / "cache" / "vocab_maps",
                                   model_vocab_size(src.path))
             vmap.save(tmp / f"{src.name}.vocab.npz")
-            aligned = align_corpus(src_tok, tgt_tok, docs)
-            save_alignment(tmp / f"{src.name}.alignment.parquet", aligned.tgt_to_src)
-            for k, v in {**vmap.stats(), **aligned.stats}.items():
-                metrics[f"{src.name}.{k}"] = v
-            logger.info(f"{src.name}: vocabulary exact {vmap.stats().get('exact_rate', 0):.1%}, "
-                        f"positions aligned {aligned.stats['aligned_rate']:.1%}")
+            aligned = align_corpus(src_tok, tgt_tok, docs, vmap.src_to_tgt, method=acfg.method,
+                                   marginalize=acfg.marginalize, examples=acfg.report_examples,
+                                   source_name=src.name, target_name=ctx.target.name, vocab_stats=vmap.stats())
+            save_alignment(tmp / f"{src.name}.alignment.parquet", aligned.alignments)
+            (tmp / f"{src.name}.alignment.md").write_text(aligned.report.markdown())
+            m = aligned.report.metrics()
+            metrics.update({f"{src.name}.{k}": v for k, v in m.items()})
+            logger.info(f"{src.name}: vocabulary exact {vmap.stats().get('exact_rate', 0):.1%}; target positions "
+                        f"with a teacher distribution {m.get('coverage', 0):.1%} (shared boundary "
+                        f"{m.get('boundary_rate', 0):.1%}, marginalised {m.get('marginal_rate', 0):.1%})"
+                        + (f"; {aligned.report.source_unk_tokens} source unk tokens"
+                           if aligned.report.source_unk_tokens else ""))
         return metrics
 
-    return run_stage(ctx, "align_vocabularies", key, cfg.alignment, build, logger)
+    def after(result: StageResult) -> None:
+        for src in ctx.sources:
+            report = result.path / f"{src.name}.alignment.md"
+            if report.is_file():
+                log_file_artifact(report, "alignment")
+
+    return run_stage(ctx, "align_vocabularies", key, acfg, build, logger, after=after)

@@ -14,6 +14,7 @@ from fusion_core.models import (
     ModelLoadError, check_model_folder, gguf_to_folder, load_tokenizer, model_folder_key, model_vocab_size,
     packaged_model_folder,
 )
+from fusion_core.vocab import vocabulary_problem
 from tasks.common import run_logger
 from tasks.stage import ResolvedModel
 
@@ -43,6 +44,9 @@ def resolve_model(ref, name: str, role: str, cfg: PipelineConfig, logger=None) -
         if not getattr(tok, "is_fast", False):
             raise ModelLoadError(f"{path}: the tokenizer is not a fast tokenizer (offsets are needed)")
         check_vocabulary_sizes(path, tok)
+        problem = vocabulary_problem(tok)
+        if problem is not None:
+            raise ModelLoadError(f"{path}: {problem}")
     except ModelLoadError as exc:
         raise ModelLoadError(f"{role} {name!r}: {exc}") from None
     except ValueError as exc:  # unknown recipe and similar

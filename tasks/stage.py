@@ -15,8 +15,8 @@ from tasks.tracking import TrackingContext, clean_metrics, log_dict_artifact, sa
 # not reused (the version is part of the stage fingerprint).
 STAGE_VERSIONS = {
     "prepare_data": 1,
-    "align_vocabularies": 1,  # the vocabulary map rules have their own version, in the key too
-    "teacher_inference": 1,
+    "align_vocabularies": 2,  # 2: labelled positions, marginalisation, report; the map rules have their own version
+    "teacher_inference": 2,  # 2: marginal positions, label column
     "fusion_training": 1,
     "evaluate": 1,
 }

@@ -53,3 +53,38 @@ def test_model_smaller_than_its_tokenizer_is_refused(tmp_path, tiny_models):
     ref = HFModelRef.model_validate({"kind": "hf", "path": str(folder)})
     with pytest.raises(ModelLoadError, match=r"source 'm': .*vocabulary \(100\) is smaller than its tokenizer's"):
         resolve_model(ref, "m", "source", _cfg(tmp_path))
+
+
+def _special_only_tokenizer(folder, vocab: dict[str, int]):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]" if vocab else None,
+                                  bos_token="<s>" if vocab else None)
+    tok.save_pretrained(folder)
+    return tok
+
+
+@pytest.mark.parametrize("vocab, message", [({}, "has no vocabulary"), ({"[UNK]": 0, "<s>": 1}, "no text tokens")])
+def test_tokenizer_without_vocabulary_is_refused_and_named(tmp_path, tiny_models, vocab, message):
+    import json
+    import shutil
+
+    from fusion_core.vocab import build_vocabulary_map
+
+    folder = tmp_path / "novocab"
+    shutil.copytree(tiny_models["byte_level"], folder)
+    for f in folder.glob("*token*"):
+        f.unlink()
+    tok = _special_only_tokenizer(folder, vocab)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(cfg))
+    ref = HFModelRef.model_validate({"kind": "hf", "path": str(folder)})
+    with pytest.raises(ModelLoadError, match=rf"source 'empty': .*{message}"):
+        resolve_model(ref, "empty", "source", _cfg(tmp_path))
+    from transformers import AutoTokenizer
+
+    with pytest.raises(ValueError, match=rf"source tokenizer .*{message}"):
+        build_vocabulary_map(tok, AutoTokenizer.from_pretrained(tiny_models["metaspace"]))
