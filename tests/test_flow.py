@@ -22,6 +22,17 @@ def _stage_runs(summary: dict) -> dict[str, str]:
     return {r.data.tags["stage"]: ("reused" if r.data.tags.get("reused") == "true" else "computed") for r in children}
 
 
+def _run_of(summary: dict, stage: str):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=summary["tracking_uri"])
+    parent = client.get_run(summary["run_id"])
+    runs = client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{summary['run_id']}' and tags.stage = '{stage}'")
+    assert len(runs) == 1, stage
+    return runs[0]
+
+
 def test_empty_corpus_fails_before_any_stage(tmp_path, tiny_models, prefect_harness):
     path = write_tiny_pipeline(tmp_path, tiny_models)
     (tmp_path / "corpora" / "code.jsonl").write_text('{"text": "tiny"}\n')
@@ -58,6 +69,18 @@ def test_pipeline_runs_reuses_and_recovers(tmp_path, tiny_models, prefect_harnes
     assert first["version"] == "1" and first["registered_model"] == "tiny-target"
     assert any(k.startswith("eval.fusion_arith_mc.") for k in first["metrics"])
     assert any(k.startswith("ppl.") for k in first["metrics"])
+
+    # The alignment report of every source is in the align_vocabularies run, reused or not, with
+    # its coverage metrics; the teacher run has the realised coverage.
+    align_run = _run_of(first, "align_vocabularies")
+    sources = {m.split(".")[0] for m in align_run.data.metrics if m.endswith(".coverage")}
+    assert sources and all(f"{s}.marginal_rate" in align_run.data.metrics for s in sources)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=first["tracking_uri"])
+    reports = [a.path for a in client.list_artifacts(align_run.info.run_id, "alignment")]
+    assert sorted(reports) == sorted(f"alignment/{s}.alignment.md" for s in sources)
+    assert all(f"{s}.coverage" in _run_of(first, "teacher_inference").data.metrics for s in sources)
 
     second = run_pipeline(path)
     assert all(s["reused"] for s in second["stages"].values())
