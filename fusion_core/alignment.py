@@ -284,6 +284,7 @@ class PairTables:
     tgt_surfaces: list[str]
     src_to_tgt: np.ndarray
     src_surface_len: np.ndarray
+    src_unk: int | None = None  # the source's unk id: a position whose source next token is unk falls back
 
     @classmethod
     def build(cls, src_tokenizer, tgt_tokenizer, src_to_tgt: np.ndarray) -> "PairTables":
@@ -291,12 +292,14 @@ class PairTables:
 
         src = token_surfaces(src_tokenizer)
         tgt = src if src_tokenizer is tgt_tokenizer else token_surfaces(tgt_tokenizer)
-        return cls.from_surfaces(src, tgt, src_to_tgt)
+        unk = getattr(src_tokenizer, "unk_token_id", None)
+        return cls.from_surfaces(src, tgt, src_to_tgt, unk if isinstance(unk, int) and unk >= 0 else None)
 
     @classmethod
-    def from_surfaces(cls, src_surfaces: list[str], tgt_surfaces: list[str], src_to_tgt) -> "PairTables":
+    def from_surfaces(cls, src_surfaces: list[str], tgt_surfaces: list[str], src_to_tgt,
+                      src_unk: int | None = None) -> "PairTables":
         lengths = np.fromiter((len(s) for s in src_surfaces), dtype=np.int64, count=len(src_surfaces))
-        return cls(list(src_surfaces), list(tgt_surfaces), np.asarray(src_to_tgt, dtype=np.int64), lengths)
+        return cls(list(src_surfaces), list(tgt_surfaces), np.asarray(src_to_tgt, dtype=np.int64), lengths, src_unk)
 
 
 def _match_identical_segments(src: EncodedText, tgt: EncodedText, mapping: np.ndarray, tables: PairTables) -> None:
@@ -400,8 +403,16 @@ def label_positions(src: EncodedText, tgt: EncodedText, mapping: np.ndarray, tab
         label[u] = MARGINAL
         mapping[u] = jc - 1
         consumed[u] = np.maximum(extra + (e - start), 0)
+    if tables is not None and tables.src_unk is not None and n_s > 1 and tables.src_unk < tables.src_to_tgt.size:
+        # The source cannot say what its unk stands for: no teacher distribution from it there,
+        # unless the target reads the same unknown text as its own unk.
+        nxt = src.ids[np.clip(mapping + 1, 0, n_s - 1)]
+        t_next = tgt.ids[np.minimum(np.arange(n_t) + 1, n_t - 1)]
+        unknown = (nxt == tables.src_unk) & (t_next != tables.src_to_tgt[tables.src_unk])
+        label[(label < FALLBACK) & (mapping >= 0) & unknown] = FALLBACK
     label[n_t - 1] = END
     mapping[label >= FALLBACK] = -1
+    consumed[label != MARGINAL] = 0
     return PositionAlignment(mapping, label, consumed)
 
 

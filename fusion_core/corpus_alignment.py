@@ -155,14 +155,16 @@ def align_corpus(src_tokenizer, tgt_tokenizer, docs: Sequence[Document], src_to_
                  vocab_stats: dict[str, float] | None = None, tables: PairTables | None = None) -> CorpusAlignment:
     """Label every document's target positions against one source; the report (module doc).
 
-    src_to_tgt: the vocabulary map (needed for exact/mapped and marginal labels; without it
-    1:1 positions are all "mapped" and nothing is marginalised). method: "offsets" or "dtw".
+    src_to_tgt: the vocabulary map (needed for exact/mapped and marginal labels and for the
+    source-unk fallback; without it 1:1 positions are all "mapped", nothing is marginalised and
+    only the unk counts are reported). method: "offsets" or "dtw".
     Raises AlignmentError naming the document and side when a tokenizer fails on a document.
     """
     if method not in ("offsets", "dtw"):
         raise ValueError(f"alignment method must be 'offsets' or 'dtw', not {method!r}")
     if tables is None and src_to_tgt is not None:
         tables = PairTables.build(src_tokenizer, tgt_tokenizer, src_to_tgt)
+    # (positions whose source next token is the source's unk fall back: `alignment.label_positions`)
     if method == "dtw" and tables is None:
         raise ValueError("DTW alignment compares token surfaces: pass the vocabulary map")
     src_unk, tgt_unk = _unk_id(src_tokenizer), _unk_id(tgt_tokenizer)
@@ -179,13 +181,6 @@ def align_corpus(src_tokenizer, tgt_tokenizer, docs: Sequence[Document], src_to_
             al = align_document_dtw(src, tgt, tables)
         else:
             al = align_document(src, tgt, tables, marginalize=marginalize, text=doc.text)
-        if src_unk is not None and len(src) > 1:
-            nxt = src.ids[np.minimum(al.src_pos + 1, len(src) - 1)]
-            bad = (al.label < FALLBACK) & (al.src_pos >= 0) & (nxt == src_unk)
-            if bad.any():
-                al.label[bad] = FALLBACK
-                al.src_pos[bad] = -1
-                al.consumed[bad] = 0
         seconds += time.perf_counter() - t0
         out[doc.id] = al
         counts = al.counts()
