@@ -252,3 +252,39 @@ def test_dtw_agrees_with_offsets_on_real_text(smollm2, tiny):
         check_boundaries(text, s, t, d)  # never a wrong place, even where DTW wanders
         if b != "metaspace":  # plain DTW wanders between very different granularities (24 vs 50 tokens)
             assert (d >= 0).mean() >= 0.75 * (align_positions(s, t) >= 0).mean()
+
+
+def test_smollm2_against_a_sentencepiece_style_tokenizer_hand_checked(smollm2, metaspace_8k):
+    """SmolLM2's byte-level BPE against a trained Metaspace BPE with byte fallback, labelled."""
+    from fusion_core.alignment import LABEL_NAMES, PairTables, align_document
+    from fusion_core.vocab import build_vocabulary_map
+
+    tables = PairTables.build(smollm2, metaspace_8k, build_vocabulary_map(smollm2, metaspace_8k).src_to_tgt)
+
+    def run(text):
+        s, t = encode_document(smollm2, text), encode_document(metaspace_8k, text)
+        al = align_document(s, t, tables, text=text)
+        return (smollm2.convert_ids_to_tokens(s.ids[1:].tolist()), metaspace_8k.convert_ids_to_tokens(t.ids[1:].tolist()),
+                al.src_pos.tolist(), [LABEL_NAMES[x] for x in al.label], al.consumed.tolist())
+
+    src, tgt, pos, lab, consumed = run("x\n    y = 12345")
+    assert src == ["x", "ĊĠĠĠ", "Ġy", "Ġ=", "Ġ", "1", "2", "3", "4", "5"]
+    assert tgt == ["▁x", "\n", "▁", "▁", "▁", "▁y", "▁=", "▁12", "34", "5"]
+    # Indentation: the target reads "\n" and three single spaces inside SmolLM2's "ĊĠĠĠ"
+    # (marginal, c = "\n", "\n ", "\n  "); after them both are about to read " y". Digits: the
+    # target's "▁12" and "34" each span several of SmolLM2's single digits.
+    assert pos == [0, 1, 1, 1, 1, 2, 3, 5, 7, 9, -1]
+    assert lab == ["one_to_one_mapped", "one_to_many", "marginal", "marginal", "marginal", "one_to_one_exact",
+                   "one_to_one_exact", "many_to_one", "many_to_one", "one_to_one_exact", "end"]
+    assert consumed == [0, 0, 1, 2, 3, 0, 0, 0, 0, 0, 0]
+
+    src, tgt, pos, lab, consumed = run("naïve 😀\n\n\tend")
+    assert src == ["na", "Ã¯ve", "ĠðŁĺ", "Ģ", "ĊĊ", "ĉ", "end"]
+    assert tgt == ["▁na", "<0xC3>", "<0xAF>", "ve", "▁", "<0xF0>", "<0x9F>", "<0x98>", "<0x80>", "\n\n", "<0x09>", "end"]
+    # ï and the emoji in byte-fallback pieces: states in the middle of a character fall back;
+    # after "ï" the target is inside SmolLM2's "Ã¯ve" (c = "ï"); the byte tokens of a tab and
+    # the newline pair exactly.
+    assert pos == [0, 1, -1, 1, -1, 2, -1, -1, -1, 4, 5, 6, -1]
+    assert lab == ["one_to_one_mapped", "one_to_many", "fallback", "marginal", "fallback", "one_to_one_mapped",
+                   "fallback", "fallback", "fallback", "one_to_one_exact", "one_to_one_exact", "one_to_one_exact", "end"]
+    assert consumed[3] == 1
