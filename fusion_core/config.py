@@ -186,7 +186,9 @@ class TeacherConfig(Section):
     batch_size: int = Field(8, ge=1)
     docs_per_shard: int = Field(64, ge=1)
     device: str = "auto"
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1, description="torch threads while scoring (default: torch's own)")
+    workers: int = Field(1, ge=1, description="shards scored at once: threads of the Prefect task runner, "
+                                              "sharing one loaded model per source")
 
 
 class TrainingConfig(Section):

@@ -9,6 +9,7 @@ unsigned type that holds the target vocabulary, log-probabilities as float16, no
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ class TeacherRecord:
     seq_ce: float          # the source's mean CE on the document (its own tokens)
     source_tokens: int
     label: np.ndarray | None = None  # uint8 [n_t]: alignment label as realised (alignment.LABEL_NAMES)
+    token_ce: np.ndarray | None = None  # float32 [n_s - 1]: the source's CE of each of its own next tokens
 
 
 def score_documents(model, tokenizer, texts: Sequence[str], *, top_k: int, temperature: float = 1.0,
@@ -85,6 +87,9 @@ def score_documents(model, tokenizer, texts: Sequence[str], *, top_k: int, tempe
         marg: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         with torch.inference_mode():
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            finite = torch.isfinite(logits).all(dim=-1) | ~mask.to(device).bool()
+            if not bool(finite.all()):
+                raise _NonFinite(idx[int((~finite).any(dim=1).nonzero()[0, 0])])
             logp = torch.log_softmax(logits, dim=-1)
             nxt = ids[:, 1:].to(device)
             ce = -logp[:, :-1].gather(-1, nxt[..., None])[..., 0]
@@ -247,6 +252,9 @@ def project_to_target(scores: SourceScores, alignment, target: EncodedText, src_
 
 # ---------------------------------------------------------------- shards
 
+SHARD_FORMAT = 2  # columns: doc_id, domain, positions, ids, logprobs, aligned, label, token_ce, seq_ce, source_tokens
+
+
 def id_dtype(vocab_size: int):
     """The narrowest unsigned integer type that holds every id of a vocabulary."""
     for dt in (np.uint8, np.uint16, np.uint32):
@@ -272,6 +280,8 @@ def write_shard(path: Path, doc_ids: Sequence[str], domains: Sequence[str], reco
         "logprobs": pa.array([r.logprobs.astype(np.float16).ravel() for r in records], pa.list_(pa.float16())),
         "aligned": pa.array([r.aligned for r in records], pa.list_(pa.bool_())),
         "label": pa.array([_label_of(r) for r in records], pa.list_(pa.uint8())),
+        "token_ce": pa.array([np.zeros(0, np.float16) if r.token_ce is None else r.token_ce.astype(np.float16)
+                              for r in records], pa.list_(pa.float16())),
         "seq_ce": pa.array([r.seq_ce for r in records], pa.float32()),
         "source_tokens": pa.array([r.source_tokens for r in records], pa.int32()),
     }, metadata={"top_k": str(k), "vocab_size": str(vocab_size)})
@@ -303,6 +313,7 @@ def read_shards(folder: Path) -> dict[str, TeacherRecord]:
         cols = {c: table.column(c).to_pylist() for c in ("doc_id", "positions", "seq_ce", "source_tokens")}
         ids_col, lp_col, al_col = table.column("ids"), table.column("logprobs"), table.column("aligned")
         lab_col = table.column("label") if "label" in table.column_names else None
+        ce_col = table.column("token_ce") if "token_ce" in table.column_names else None
         for row, doc_id in enumerate(cols["doc_id"]):
             n = cols["positions"][row]
             out[doc_id] = TeacherRecord(
@@ -312,6 +323,8 @@ def read_shards(folder: Path) -> dict[str, TeacherRecord]:
                 aligned=np.asarray(al_col[row].values.to_numpy(zero_copy_only=False), dtype=bool),
                 label=(None if lab_col is None else
                        np.asarray(lab_col[row].values.to_numpy(zero_copy_only=False), dtype=np.uint8)),
+                token_ce=(None if ce_col is None else
+                          np.asarray(ce_col[row].values.to_numpy(zero_copy_only=False), dtype=np.float32)),
                 seq_ce=float(cols["seq_ce"][row]), source_tokens=int(cols["source_tokens"][row]))
     return out
 
@@ -342,71 +355,216 @@ class TeacherRunStats:
         return m
 
 
+class TeacherError(ValueError):
+    """A source that cannot score a document (non-finite outputs, too long); the message names both."""
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """One unit of teacher work: documents [start, stop) of the stage's document list."""
+
+    index: int
+    start: int
+    stop: int
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.index:05d}.parquet"
+
+
+def plan_shards(n_docs: int, docs_per_shard: int) -> list[ShardSpec]:
+    """Consecutive shards of `docs_per_shard` documents (deterministic: the same plan on every rerun)."""
+    if docs_per_shard < 1:
+        raise ValueError("docs_per_shard must be >= 1")
+    return [ShardSpec(i, lo, min(lo + docs_per_shard, n_docs))
+            for i, lo in enumerate(range(0, n_docs, docs_per_shard))]
+
+
+def _sidecar(folder: Path, spec: ShardSpec) -> Path:
+    return Path(folder) / f"{spec.name}.json"
+
+
+def shard_state(folder: Path, spec: ShardSpec, fingerprint: str) -> tuple[bool, str]:
+    """(True, "") when the shard and its sidecar exist, belong to `fingerprint` and the checksum holds.
+
+    The sidecar (written after the shard, atomically) is what marks a shard complete; a shard
+    without one, with another fingerprint, or whose bytes changed is (False, why).
+    """
+    from fusion_core.workspace import file_sha256
+
+    path, side = Path(folder) / spec.name, _sidecar(folder, spec)
+    if not side.is_file():
+        return False, "missing" if not path.is_file() else "no sidecar (interrupted)"
+    try:
+        meta = json.loads(side.read_text())
+    except ValueError:
+        return False, "unreadable sidecar"
+    if meta.get("fingerprint") != fingerprint or meta.get("start") != spec.start or meta.get("stop") != spec.stop:
+        return False, "from another configuration"
+    if not path.is_file():
+        return False, "missing"
+    if path.stat().st_size != meta.get("size") or file_sha256(path) != meta.get("sha256"):
+        return False, "checksum mismatch"
+    return True, ""
+
+
+@dataclass
+class ShardStats:
+    documents: int = 0
+    source_tokens: int = 0
+    target_positions: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    ce_sum: dict[str, float] | None = None
+    ce_n: dict[str, int] | None = None
+    labels: dict[str, list[int]] | None = None
+
+    def to_json(self) -> dict:
+        return {"documents": self.documents, "source_tokens": self.source_tokens,
+                "target_positions": self.target_positions, "bytes": self.bytes, "seconds": self.seconds,
+                "ce_sum": self.ce_sum or {}, "ce_n": self.ce_n or {}, "labels": self.labels or {}}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ShardStats":
+        return cls(**{k: d[k] for k in ("documents", "source_tokens", "target_positions", "bytes", "seconds",
+                                        "ce_sum", "ce_n", "labels")})
+
+
+def read_shard_stats(folder: Path, spec: ShardSpec) -> ShardStats:
+    return ShardStats.from_json(json.loads(_sidecar(folder, spec).read_text())["stats"])
+
+
+def score_shard(model, src_tokenizer, tgt_tokenizer, docs: Sequence[Document], alignments: dict,
+                src_to_tgt: np.ndarray, folder: Path, spec: ShardSpec, *, fingerprint: str, top_k: int,
+                temperature: float, batch_size: int, device: str = "cpu", marginalizer=None,
+                src_special: np.ndarray | None = None, projection: str = "map", source_name: str = "source",
+                context_length: int | None = None,
+                progress: Callable[[int, int], None] | None = None) -> ShardStats:
+    """Score the documents of one shard and write it (parquet, then its sidecar), atomically.
+
+    docs: the shard's documents (docs[spec.start:spec.stop] of the stage). Raises TeacherError
+    naming the source and the document when a document is longer than `context_length` or the
+    model returns non-finite logits on it; nothing is written then.
+    """
+    from fusion_core.alignment import LABEL_NAMES, MARGINAL, PositionAlignment
+    from fusion_core.workspace import file_sha256, write_json_atomic
+
+    start = time.perf_counter()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    missing = [d.id for d in docs if d.id not in alignments]
+    if missing:
+        raise KeyError(f"document {missing[0]!r} has no alignment for source {source_name!r} "
+                       f"({len(missing)} such documents): the alignment stage is out of date")
+    encoded = [encode_document(src_tokenizer, d.text) for d in docs]
+    if context_length is not None:
+        for doc, enc in zip(docs, encoded):
+            if len(enc) > context_length:
+                raise TeacherError(f"source {source_name!r}: document {doc.id!r} has {len(enc)} tokens with the start "
+                                   f"token, more than the model's context ({context_length}); lower data.max_length")
+    queries = None
+    if marginalizer is not None:
+        queries = []
+        for doc, enc in zip(docs, encoded):
+            al = alignments[doc.id]
+            marg = np.flatnonzero(al.label == MARGINAL) if isinstance(al, PositionAlignment) else np.zeros(0, int)
+            queries.append(marginalizer.queries(enc.ids, al.src_pos[marg], al.consumed[marg]) if marg.size
+                           else np.zeros((0, 3), dtype=np.int64))
+    try:
+        scores = score_documents(model, src_tokenizer, [d.text for d in docs], top_k=top_k, temperature=temperature,
+                                 batch_size=batch_size, device=device, progress=progress, encoded=encoded,
+                                 marginal_queries=queries,
+                                 prefix_order=marginalizer.index.order if marginalizer is not None else None)
+    except _NonFinite as exc:
+        doc = docs[exc.index]
+        raise TeacherError(f"source {source_name!r} returned non-finite (NaN/inf) logits on document {doc.id!r} "
+                           f"({doc.domain}); no shard was written") from None
+    stats = ShardStats(ce_sum={}, ce_n={}, labels={})
+    records = []
+    for doc, enc, sc in zip(docs, encoded, scores):
+        target = encode_document(tgt_tokenizer, doc.text)
+        rec = project_to_target(sc, alignments[doc.id], target, src_to_tgt, marginalizer=marginalizer,
+                                text=doc.text, src_ids=enc.ids, src_special=src_special,
+                                projection=projection, src_ends=enc.ends)
+        rec.token_ce = sc.token_ce
+        records.append(rec)
+        counts = np.bincount(rec.label, minlength=len(LABEL_NAMES))
+        prev = np.asarray(stats.labels.get(doc.domain, [0] * len(LABEL_NAMES)))
+        stats.labels[doc.domain] = (prev + counts).tolist()
+        stats.source_tokens += len(sc.topk_ids)
+        stats.target_positions += len(target)
+        stats.ce_sum[doc.domain] = stats.ce_sum.get(doc.domain, 0.0) + float(sc.token_ce.astype(np.float64).sum())
+        stats.ce_n[doc.domain] = stats.ce_n.get(doc.domain, 0) + len(sc.token_ce)
+    path = folder / spec.name
+    stats.bytes = write_shard(path, [d.id for d in docs], [d.domain for d in docs], records, len(tgt_tokenizer))
+    stats.documents = len(docs)
+    stats.seconds = time.perf_counter() - start
+    write_json_atomic(_sidecar(folder, spec), {
+        "fingerprint": fingerprint, "start": spec.start, "stop": spec.stop, "size": path.stat().st_size,
+        "sha256": file_sha256(path), "stats": stats.to_json(), "format": SHARD_FORMAT})
+    return stats
+
+
+class _NonFinite(Exception):
+    def __init__(self, index: int) -> None:
+        super().__init__(index)
+        self.index = index
+
+
+def aggregate_stats(parts: Sequence[ShardStats], seconds: float) -> TeacherRunStats:
+    from fusion_core.alignment import LABEL_NAMES
+
+    ce_sum: dict[str, float] = {}
+    ce_n: dict[str, int] = {}
+    labels: dict[str, np.ndarray] = {}
+    for p in parts:
+        for d, v in (p.ce_sum or {}).items():
+            ce_sum[d] = ce_sum.get(d, 0.0) + v
+        for d, v in (p.ce_n or {}).items():
+            ce_n[d] = ce_n.get(d, 0) + v
+        for d, v in (p.labels or {}).items():
+            labels[d] = labels.get(d, np.zeros(len(LABEL_NAMES), dtype=np.int64)) + np.asarray(v, dtype=np.int64)
+    return TeacherRunStats(documents=sum(p.documents for p in parts), source_tokens=sum(p.source_tokens for p in parts),
+                           target_positions=sum(p.target_positions for p in parts), seconds=seconds,
+                           bytes=sum(p.bytes for p in parts),
+                           ce_by_domain={d: ce_sum[d] / ce_n[d] for d in sorted(ce_sum) if ce_n.get(d)},
+                           labels_by_domain=labels)
+
+
 def run_teacher(model, src_tokenizer, tgt_tokenizer, docs: Sequence[Document], alignments: dict,
                 src_to_tgt: np.ndarray, out_dir: Path, *, top_k: int, temperature: float, batch_size: int,
                 docs_per_shard: int, device: str = "cpu", marginalizer=None, src_special: np.ndarray | None = None,
-                projection: str = "map", progress: Callable[[int, int], None] | None = None) -> TeacherRunStats:
-    """Score `docs` with one source and write its shards (shard-00000.parquet, ...) into out_dir.
+                projection: str = "map", fingerprint: str = "", source_name: str = "source",
+                context_length: int | None = None,
+                progress: Callable[[int, int], None] | None = None) -> TeacherRunStats:
+    """Score `docs` with one source into out_dir (shard-00000.parquet, ... and their sidecars), in order.
 
     alignments: document id -> `alignment.PositionAlignment` (or a plain tgt_to_src array).
     marginalizer: a `marginal.Marginalizer` for MARGINAL positions; None: they fall back.
     projection: how boundary positions project (`project_to_target`).
+    Shards already complete in out_dir for `fingerprint` (`shard_state`) are kept, not rescored:
+    an interrupted run resumes. The stage runs the same shards as mapped Prefect tasks.
     """
-    from fusion_core.alignment import LABEL_NAMES, MARGINAL, PositionAlignment
-
     start = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tokens = positions = size = 0
-    ce_sum: dict[str, float] = {}
-    ce_n: dict[str, int] = {}
-    labels: dict[str, np.ndarray] = {}
-    done_docs = 0
-    for s, lo in enumerate(range(0, len(docs), docs_per_shard)):
-        chunk = docs[lo:lo + docs_per_shard]
-        base_tokens = tokens
+    parts = []
+    done_tokens = [0]
+    for spec in plan_shards(len(docs), docs_per_shard):
+        if shard_state(out_dir, spec, fingerprint)[0]:
+            parts.append(read_shard_stats(out_dir, spec))
+            continue
+        base = done_tokens[0]
 
-        def _progress(t: int, d: int) -> None:
+        def _progress(t: int, d: int, base=base, lo=spec.start) -> None:
             if progress is not None:
-                progress(base_tokens + t, done_docs + d)
+                progress(base + t, lo + d)
 
-        missing = [d.id for d in chunk if d.id not in alignments]
-        if missing:
-            raise KeyError(f"document {missing[0]!r} has no alignment for this source "
-                           f"({len(missing)} such documents): the alignment stage is out of date")
-        encoded = [encode_document(src_tokenizer, d.text) for d in chunk]
-        queries = None
-        if marginalizer is not None:
-            queries = []
-            for doc, enc in zip(chunk, encoded):
-                al = alignments[doc.id]
-                marg = np.flatnonzero(al.label == MARGINAL) if isinstance(al, PositionAlignment) else np.zeros(0, int)
-                queries.append(marginalizer.queries(enc.ids, al.src_pos[marg], al.consumed[marg]) if marg.size
-                               else np.zeros((0, 3), dtype=np.int64))
-        scores = score_documents(model, src_tokenizer, [d.text for d in chunk], top_k=top_k,
-                                 temperature=temperature, batch_size=batch_size, device=device, progress=_progress,
-                                 encoded=encoded, marginal_queries=queries,
-                                 prefix_order=marginalizer.index.order if marginalizer is not None else None)
-        records = []
-        for doc, enc, sc in zip(chunk, encoded, scores):
-            target = encode_document(tgt_tokenizer, doc.text)
-            rec = project_to_target(sc, alignments[doc.id], target, src_to_tgt, marginalizer=marginalizer,
-                                    text=doc.text, src_ids=enc.ids, src_special=src_special,
-                                    projection=projection, src_ends=enc.ends)
-            records.append(rec)
-            counts = np.bincount(rec.label, minlength=len(LABEL_NAMES))
-            labels[doc.domain] = labels.get(doc.domain, 0) + counts
-            tokens += len(sc.topk_ids)
-            positions += len(target)
-            ce_sum[doc.domain] = ce_sum.get(doc.domain, 0.0) + float(sc.token_ce.sum())
-            ce_n[doc.domain] = ce_n.get(doc.domain, 0) + len(sc.token_ce)
-        size += write_shard(out_dir / f"shard-{s:05d}.parquet", [d.id for d in chunk], [d.domain for d in chunk],
-                            records, len(tgt_tokenizer))
-        done_docs += len(chunk)
-    ce_by_domain = {d: ce_sum[d] / ce_n[d] for d in sorted(ce_sum) if ce_n[d]}
-    return TeacherRunStats(documents=len(docs), source_tokens=tokens, target_positions=positions,
-                           seconds=time.perf_counter() - start, bytes=size, ce_by_domain=ce_by_domain,
-                           labels_by_domain=labels)
+        parts.append(score_shard(model, src_tokenizer, tgt_tokenizer, docs[spec.start:spec.stop], alignments,
+                                 src_to_tgt, out_dir, spec, fingerprint=fingerprint, top_k=top_k,
+                                 temperature=temperature, batch_size=batch_size, device=device,
+                                 marginalizer=marginalizer, src_special=src_special, projection=projection,
+                                 source_name=source_name, context_length=context_length, progress=_progress))
+        done_tokens[0] += parts[-1].source_tokens
+    return aggregate_stats(parts, time.perf_counter() - start)
 
 
 def iter_fusion_examples(docs: Sequence[Document], tgt_tokenizer,

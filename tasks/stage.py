@@ -16,7 +16,7 @@ from tasks.tracking import TrackingContext, clean_metrics, log_dict_artifact, sa
 STAGE_VERSIONS = {
     "prepare_data": 1,
     "align_vocabularies": 2,  # 2: labelled positions, marginalisation, report; the map rules have their own version
-    "teacher_inference": 2,  # 2: marginal positions, label column
+    "teacher_inference": 3,  # 2: marginal positions, label column; 3: shards with sidecars, token_ce
     "fusion_training": 1,
     "evaluate": 1,
 }

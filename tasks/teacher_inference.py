@@ -1,9 +1,24 @@
-"""Stage 3, teacher_inference: each source scores the training documents; compact shards per source."""
+"""Stage 3, teacher_inference: each source scores the training documents, shard by shard.
+
+Each shard (`teacher.docs_per_shard` documents) is one Prefect task run (`teacher_shard`, mapped
+over the shards that are not complete yet, on a ThreadPoolTaskRunner of `teacher.workers`
+threads sharing one loaded model per source). Shards are written into a work folder outside
+the stage output (`<workspace>/work/teacher_inference/<stage key>/<source>/`), each atomically
+with a sidecar holding its checksum and statistics; a rerun after a crash or a kill scores only
+the shards that are missing, interrupted or corrupt. When every shard of every source is
+complete they are linked into the stage output, whose manifest is written last.
+"""
 from __future__ import annotations
 
 import gc
+import os
+import shutil
+import threading
 import time
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -12,21 +27,78 @@ from fusion_core.corpus_alignment import load_alignment
 from fusion_core.data import read_documents
 from fusion_core.marginal import Marginalizer
 from fusion_core.models import load_causal_lm, load_tokenizer, resolve_device
-from fusion_core.teacher import run_teacher
+from fusion_core.teacher import (
+    ShardSpec, ShardStats, aggregate_stats, plan_shards, read_shard_stats, score_shard, shard_state,
+)
+from fusion_core.tokenization import encode_document
 from fusion_core.vocab import VocabularyMap
-from tasks.common import run_logger
+from tasks.common import TokenProgress, run_logger
 from tasks.stage import RunContext, StageResult, run_stage, stage_key
+
+
+@dataclass
+class _ShardJob:
+    """What every shard task of one source needs; kept in-process (never serialised by Prefect)."""
+
+    source: str
+    model: Any
+    src_tok: Any
+    tgt_tok: Any
+    docs: list
+    alignments: dict
+    vmap: VocabularyMap
+    folder: Path
+    specs: list[ShardSpec]
+    fingerprint: str
+    options: dict
+    progress: TokenProgress
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_JOBS: dict[str, _ShardJob] = {}
+
+
+@task(name="teacher_shard", cache_policy=NO_CACHE, persist_result=False, task_run_name="{source}-{index:05d}")
+def teacher_shard(job_id: str, source: str, index: int) -> dict:
+    """Score one shard of one source (see the module doc); returns its statistics."""
+    job = _JOBS[job_id]
+    spec = job.specs[index]
+    seen = [0]
+
+    def progress(tokens: int, _docs: int) -> None:
+        job.progress.advance(tokens - seen[0])
+        seen[0] = tokens
+
+    stats = score_shard(job.model, job.src_tok, job.tgt_tok, job.docs[spec.start:spec.stop], job.alignments,
+                        job.vmap.src_to_tgt, job.folder, spec, fingerprint=job.fingerprint,
+                        src_special=job.vmap.special_mask(), source_name=source, progress=progress, **job.options)
+    return stats.to_json()
+
+
+def _context_length(model) -> int | None:
+    value = getattr(model.config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 @task(name="teacher_inference", cache_policy=NO_CACHE, persist_result=False)
 def teacher_inference(ctx: RunContext, data: StageResult, alignment: StageResult) -> StageResult:
     cfg = ctx.config
     tcfg = cfg.teacher
-    key = stage_key("teacher_inference", tcfg, alignment.key, [m.key for m in ctx.sources])
+    # How many threads score does not change what is scored: not part of the key.
+    key = stage_key("teacher_inference", tcfg.model_dump(mode="json", exclude={"workers", "threads"}),
+                    alignment.key, [m.key for m in ctx.sources])
     logger = run_logger()
 
     def build(tmp: Path, meta: dict) -> dict[str, float]:
         import torch
+        from prefect.task_runners import ThreadPoolTaskRunner
 
         if tcfg.threads:
             torch.set_num_threads(tcfg.threads)
@@ -34,34 +106,74 @@ def teacher_inference(ctx: RunContext, data: StageResult, alignment: StageResult
         tgt_tok = load_tokenizer(ctx.target.path)
         device = resolve_device(tcfg.device)
         metrics: dict[str, float] = {}
+        work = cfg.workspace.root / "work" / "teacher_inference" / key
         for src, src_cfg in zip(ctx.sources, cfg.sources):
-            model = load_causal_lm(src.path, dtype=src_cfg.dtype, device=device,
-                                   allow_pickle=getattr(src_cfg.model, "allow_pickle", False),
-                                   trust_remote_code=getattr(src_cfg.model, "trust_remote_code", False))
+            folder = work / src.name
+            specs = plan_shards(len(docs), tcfg.docs_per_shard)
+            states = {s.index: shard_state(folder, s, key) for s in specs}
+            todo = [s for s in specs if not states[s.index][0]]
+            bad = [f"{s.name} ({states[s.index][1]})" for s in todo if states[s.index][1] != "missing"]
+            logger.info(f"{src.name}: {len(specs) - len(todo)} of {len(specs)} shards complete, "
+                        f"{len(todo)} to score" + (f"; rescoring {', '.join(bad)}" if bad else ""))
+            start = time.perf_counter()
             src_tok = load_tokenizer(src.path)
-            vmap = VocabularyMap.load(alignment.path / f"{src.name}.vocab.npz")
-            alignments = load_alignment(alignment.path / f"{src.name}.alignment.parquet")
-            needs_text = cfg.alignment.marginalize or cfg.alignment.projection == "text"
-            marginalizer = Marginalizer.build(src_tok, tgt_tok) if needs_text else None
-            last = [time.perf_counter()]
-
-            def progress(tokens: int, n_docs: int, name=src.name) -> None:
-                if time.perf_counter() - last[0] > 15:
-                    last[0] = time.perf_counter()
-                    logger.info(f"{name}: {n_docs}/{len(docs)} documents, {tokens} tokens")
-
-            stats = run_teacher(model, src_tok, tgt_tok, docs, alignments, vmap.src_to_tgt, tmp / src.name,
-                                top_k=tcfg.top_k, temperature=tcfg.temperature, batch_size=tcfg.batch_size,
-                                docs_per_shard=tcfg.docs_per_shard, device=device, progress=progress,
-                                marginalizer=marginalizer, src_special=vmap.special_mask(),
-                                projection=cfg.alignment.projection)
+            if todo:
+                model = load_causal_lm(src.path, dtype=src_cfg.dtype, device=device,
+                                       allow_pickle=getattr(src_cfg.model, "allow_pickle", False),
+                                       trust_remote_code=getattr(src_cfg.model, "trust_remote_code", False))
+                vmap = VocabularyMap.load(alignment.path / f"{src.name}.vocab.npz")
+                needs_text = cfg.alignment.marginalize or cfg.alignment.projection == "text"
+                total = sum(len(encode_document(src_tok, d.text)) for s in todo for d in docs[s.start:s.stop])
+                job = _ShardJob(
+                    source=src.name, model=model, src_tok=src_tok, tgt_tok=tgt_tok, docs=docs,
+                    alignments=load_alignment(alignment.path / f"{src.name}.alignment.parquet"), vmap=vmap,
+                    folder=folder, specs=specs, fingerprint=key,
+                    options=dict(top_k=tcfg.top_k, temperature=tcfg.temperature, batch_size=tcfg.batch_size,
+                                 device=device, projection=cfg.alignment.projection,
+                                 marginalizer=Marginalizer.build(src_tok, tgt_tok) if needs_text else None,
+                                 context_length=_context_length(model)),
+                    progress=TokenProgress(src.name, total, logger))
+                job_id = uuid.uuid4().hex
+                _JOBS[job_id] = job
+                try:
+                    with ThreadPoolTaskRunner(max_workers=tcfg.workers) as runner:
+                        futures = [runner.submit(teacher_shard, {"job_id": job_id, "source": src.name,
+                                                                 "index": s.index}) for s in todo]
+                        for f in futures:
+                            f.result()  # re-raises the first failure, naming source and document
+                finally:
+                    job.progress.close()
+                    _JOBS.pop(job_id, None)
+                    del job, model
+                    gc.collect()
+            parts: list[ShardStats] = []
+            (tmp / src.name).mkdir()
+            for s in specs:
+                ok, why = shard_state(folder, s, key)
+                if not ok:
+                    raise RuntimeError(f"{src.name}: {s.name} is not complete after scoring ({why})")
+                parts.append(read_shard_stats(folder, s))
+                _link_or_copy(folder / s.name, tmp / src.name / s.name)
+            stats = aggregate_stats(parts, time.perf_counter() - start)
             m = stats.metrics()
-            logger.info(f"{src.name}: {stats.source_tokens} tokens in {stats.seconds:.1f} s "
-                        f"({m['tokens_per_s']:.0f} tokens/s), {m['bytes_per_target_token']:.1f} bytes/target token, "
-                        f"teacher distribution at {m.get('coverage', 0):.1%} of target positions")
+            scored = [p for p, s in zip(parts, specs) if s in todo]
+            m["scored_shards"] = float(len(scored))
+            if scored:  # throughput of this run's scoring only
+                secs = sum(p.seconds for p in scored) / min(max(tcfg.workers, 1), len(scored))
+                m["tokens_per_s"] = sum(p.source_tokens for p in scored) / secs if secs else 0.0
+            else:
+                m.pop("tokens_per_s", None)
+            logger.info(f"{src.name}: {stats.source_tokens} tokens"
+                        + (f" ({m['tokens_per_s']:.0f} tokens/s)" if "tokens_per_s" in m else "")
+                        + f", {m['bytes_per_target_token']:.1f} bytes/target "
+                        f"token, teacher distribution at {m.get('coverage', 0):.1%} of target positions; "
+                        + ", ".join(f"perplexity {d} {m[f'perplexity.{d}']:.2f}" for d in stats.ce_by_domain))
             metrics.update({f"{src.name}.{k}": v for k, v in m.items()})
-            del model
-            gc.collect()
+        meta["work_folder"] = str(work)
         return metrics
 
-    return run_stage(ctx, "teacher_inference", key, tcfg, build, logger)
+    result = run_stage(ctx, "teacher_inference", key, tcfg, build, logger)
+    work = cfg.workspace.root / "work" / "teacher_inference" / key
+    if work.exists() and not result.reused:
+        shutil.rmtree(work, ignore_errors=True)  # the stage output holds the shards now (hard links)
+    return result

@@ -93,3 +93,42 @@ def test_pipeline_runs_reuses_and_recovers(tmp_path, tiny_models, prefect_harnes
     assert rows[0]["version"] == "1" and "candidate" in rows[0]["aliases"]
     assert rows[0]["tags"]["strategy"] == "min_ce"
     assert rows[0]["metrics"] and all(k.startswith(("eval.", "ppl.")) for k in rows[0]["metrics"])
+
+
+@pytest.mark.slow
+def test_teacher_stage_resumes_shard_by_shard(tmp_path, tiny_models, prefect_harness, monkeypatch):
+    """A teacher stage killed after some shards scores only the rest on the next run."""
+    import tasks.teacher_inference as ti
+
+    path = write_tiny_pipeline(tmp_path, tiny_models, **{"teacher.docs_per_shard": 8})
+    real = ti.score_shard
+    calls: list[str] = []
+
+    def dies_on_the_fifth(*args, **kwargs):
+        if len(calls) == 4:
+            raise RuntimeError("worker killed")
+        calls.append(kwargs["source_name"])
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(ti, "score_shard", dies_on_the_fifth)
+        with pytest.raises(RuntimeError, match="worker killed"):
+            run_pipeline(path)
+    work = next((tmp_path / "workspace" / "work" / "teacher_inference").iterdir())
+    done = {p.parent.name: len(list(p.parent.glob("shard-*.parquet.json"))) for p in work.glob("*/shard-*.parquet")}
+    assert sum(done.values()) == 4
+
+    rescored: list[str] = []
+
+    def counting(*args, **kwargs):
+        rescored.append(kwargs["source_name"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ti, "score_shard", counting)
+    summary = run_pipeline(path)
+    out = summary["stages"]["teacher_inference"]["path"]
+    from pathlib import Path
+
+    total = len(list(Path(out).glob("*/shard-*.parquet")))
+    assert len(rescored) == total - 4  # only the shards the killed run had not finished
+    assert not work.exists()  # the work folder is gone once the stage output holds the shards

@@ -63,7 +63,7 @@ def test_shards_round_trip_compactly(byte_model, tmp_path):
     align = {d.id: np.arange(len(encode_document(tok, d.text))) for d in docs}
     stats = run_teacher(model, tok, tok, docs, align, np.arange(len(tok)), tmp_path, top_k=4, temperature=1.0,
                         batch_size=3, docs_per_shard=4)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-00000.parquet", "shard-00001.parquet"]
+    assert sorted(p.name for p in tmp_path.glob("*.parquet")) == ["shard-00000.parquet", "shard-00001.parquet"]
     recs = read_shards(tmp_path)
     assert set(recs) == {d.id for d in docs}
     direct = score_documents(model, tok, [docs[1].text], top_k=4)[0]
@@ -81,3 +81,112 @@ def test_shards_round_trip_compactly(byte_model, tmp_path):
 def test_id_dtype_is_narrowest():
     assert id_dtype(256) == np.uint8 and id_dtype(257) == np.uint16 and id_dtype(49152) == np.uint16
     assert id_dtype(70000) == np.uint32
+
+
+# ----------------------------------------------------------------------------- shards: resume, checksums, bad input
+
+class _Killed(RuntimeError):
+    pass
+
+
+class _CountingModel(torch.nn.Module):
+    """Wraps a model; counts forward calls and can die after a number of them (a killed worker)."""
+
+    def __init__(self, model, die_after: int | None = None):
+        super().__init__()
+        self.inner, self.calls, self.die_after = model, 0, die_after
+        self.config = model.config
+
+    def forward(self, **kw):
+        if self.die_after is not None and self.calls >= self.die_after:
+            raise _Killed("killed")
+        self.calls += 1
+        return self.inner(**kw)
+
+
+def _shard_bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("shard-*.parquet"))}
+
+
+def _docs():
+    return [Document(id=f"d{i}", domain="code" if i % 2 else "prose", text=t) for i, t in enumerate(TEXTS * 4)]
+
+
+def test_killed_run_resumes_only_missing_shards_byte_identical(byte_model, tmp_path):
+    model, tok = byte_model
+    docs = _docs()  # 12 documents, 3 per shard: 4 shards; batch_size 3: one forward per shard
+    align = {d.id: np.arange(len(encode_document(tok, d.text))) for d in docs}
+    common = dict(top_k=4, temperature=1.0, batch_size=3, docs_per_shard=3, fingerprint="fp")
+    run_teacher(model, tok, tok, docs, align, np.arange(len(tok)), tmp_path / "whole", **common)
+    whole = _shard_bytes(tmp_path / "whole")
+    assert len(whole) == 4
+
+    with pytest.raises(_Killed):
+        run_teacher(_CountingModel(model, die_after=2), tok, tok, docs, align, np.arange(len(tok)),
+                    tmp_path / "resumed", **common)
+    assert len(_shard_bytes(tmp_path / "resumed")) == 2  # the two shards finished before the kill
+    counting = _CountingModel(model)
+    stats = run_teacher(counting, tok, tok, docs, align, np.arange(len(tok)), tmp_path / "resumed", **common)
+    assert counting.calls == 2  # only the two missing shards were scored
+    assert _shard_bytes(tmp_path / "resumed") == whole
+    assert stats.documents == len(docs) and stats.source_tokens == sum(len(encode_document(tok, d.text)) for d in docs)
+
+
+def test_corrupt_or_foreign_shard_is_detected_and_rescored(byte_model, tmp_path):
+    from fusion_core.teacher import plan_shards, shard_state
+
+    model, tok = byte_model
+    docs = _docs()
+    align = {d.id: np.arange(len(encode_document(tok, d.text))) for d in docs}
+    common = dict(top_k=4, temperature=1.0, batch_size=3, docs_per_shard=3)
+    run_teacher(model, tok, tok, docs, align, np.arange(len(tok)), tmp_path, fingerprint="fp", **common)
+    whole = _shard_bytes(tmp_path)
+    specs = plan_shards(len(docs), 3)
+    path = tmp_path / specs[1].name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert shard_state(tmp_path, specs[1], "fp") == (False, "checksum mismatch")
+    assert shard_state(tmp_path, specs[0], "other") == (False, "from another configuration")
+    counting = _CountingModel(model)
+    run_teacher(counting, tok, tok, docs, align, np.arange(len(tok)), tmp_path, fingerprint="fp", **common)
+    assert counting.calls == 1 and _shard_bytes(tmp_path) == whole
+    # Another configuration (fingerprint) rescores everything.
+    counting = _CountingModel(model)
+    run_teacher(counting, tok, tok, docs, align, np.arange(len(tok)), tmp_path, fingerprint="fp2", **common)
+    assert counting.calls == 4
+
+
+def test_nan_logits_and_too_long_documents_are_named(byte_model, tmp_path):
+    from fusion_core.teacher import TeacherError
+
+    model, tok = byte_model
+    docs = _docs()[:3]
+    align = {d.id: np.arange(len(encode_document(tok, d.text))) for d in docs}
+
+    class NaNModel(_CountingModel):
+        def forward(self, **kw):
+            out = self.inner(**kw)
+            out.logits[1, 2, 5] = float("nan")  # the second document of the length-sorted batch
+            return out
+
+    common = dict(top_k=4, temperature=1.0, batch_size=3, docs_per_shard=3, source_name="src")
+    with pytest.raises(TeacherError, match=r"source 'src' returned non-finite \(NaN/inf\) logits on document 'd\d'"):
+        run_teacher(NaNModel(model), tok, tok, docs, align, np.arange(len(tok)), tmp_path / "nan", **common)
+    assert not list((tmp_path / "nan").glob("shard-*"))  # nothing half-written
+    first_long = next(d for d in docs if len(encode_document(tok, d.text)) > 8)
+    with pytest.raises(TeacherError, match=rf"source 'src': document '{first_long.id}' has \d+ tokens .* context \(8\)"):
+        run_teacher(model, tok, tok, docs, align, np.arange(len(tok)), tmp_path / "long", context_length=8, **common)
+
+
+def test_shards_hold_per_token_ce(byte_model, tmp_path):
+    model, tok = byte_model
+    docs = _docs()[:3]
+    align = {d.id: np.arange(len(encode_document(tok, d.text))) for d in docs}
+    run_teacher(model, tok, tok, docs, align, np.arange(len(tok)), tmp_path, top_k=4, temperature=1.0,
+                batch_size=3, docs_per_shard=3)
+    recs = read_shards(tmp_path)
+    for d in docs:
+        sc = score_documents(model, tok, [d.text], top_k=4)[0]
+        np.testing.assert_allclose(recs[d.id].token_ce, sc.token_ce, rtol=2e-3, atol=2e-3)  # float16
+        assert recs[d.id].seq_ce == pytest.approx(sc.seq_ce, abs=1e-5)
