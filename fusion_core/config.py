@@ -63,6 +63,16 @@ class HFModelRef(Section):
         return v
 
 
+class HubModelRef(Section):
+    """A Hugging Face hub id, read from the local cache only (never downloaded at run time)."""
+
+    kind: Literal["hub"] = "hub"
+    repo_id: str = Field(min_length=1)
+    revision: str | None = None
+    allow_pickle: bool = Field(False, description="load .bin (pickle) weights; off: safetensors only")
+    trust_remote_code: bool = False
+
+
 class GGUFModelRef(Section):
     """A GGUF file, dequantised to fp32 through transformers and cached as safetensors."""
 
@@ -105,7 +115,7 @@ class RecipeModelRef(Section):
 
 
 ModelRef = Annotated[
-    Union[HFModelRef, GGUFModelRef, PackageModelRef, RecipeModelRef], Field(discriminator="kind")
+    Union[HFModelRef, HubModelRef, GGUFModelRef, PackageModelRef, RecipeModelRef], Field(discriminator="kind")
 ]
 
 

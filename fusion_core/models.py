@@ -117,6 +117,21 @@ def model_vocab_size(path: Path) -> int | None:
         raise ModelLoadError(f"cannot read the model config in {path}: {exc}") from None
 
 
+def model_context_length(path: Path) -> int | None:
+    """The longest sequence a model folder's config says it takes (max_position_embeddings / n_positions)."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(str(path))
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read the model config in {path}: {exc}") from None
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def load_tokenizer(path: Path):
     """Load the tokenizer of a local model folder. Raises ModelLoadError naming the folder."""
     from transformers import AutoTokenizer

@@ -9,11 +9,9 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from fusion_core.config import GGUFModelRef, HFModelRef, PackageModelRef, PipelineConfig, RecipeModelRef
-from fusion_core.models import (
-    ModelLoadError, check_model_folder, gguf_to_folder, load_tokenizer, model_folder_key, model_vocab_size,
-    packaged_model_folder,
-)
+from fusion_core.config import PipelineConfig
+from fusion_core.loaders import resolve_model_folder
+from fusion_core.models import ModelLoadError, load_tokenizer, model_context_length, model_folder_key, model_vocab_size
 from fusion_core.vocab import vocabulary_problem
 from tasks.common import run_logger
 from tasks.stage import ResolvedModel
@@ -23,23 +21,8 @@ def resolve_model(ref, name: str, role: str, cfg: PipelineConfig, logger=None) -
     """Resolve one model reference. Raises ModelLoadError naming the model."""
     cache = cfg.workspace.models_dir
     try:
-        if isinstance(ref, HFModelRef):
-            path = ref.path
-            check_model_folder(path, allow_pickle=ref.allow_pickle)
-        elif isinstance(ref, GGUFModelRef):
-            path = gguf_to_folder(ref.path, cache, bos_token=ref.bos_token)
-        elif isinstance(ref, PackageModelRef):
-            path = packaged_model_folder(ref.package, cache)
-        elif isinstance(ref, RecipeModelRef):
-            from fusion_core.specialists import build_recipe, recipe_fingerprint
-
-            fp = recipe_fingerprint(ref.recipe, ref.seed, ref.options)
-            path = cache / "recipes" / f"{ref.recipe}-{fp}"
-            if logger is not None and not (path / "config.json").is_file():
-                logger.info(f"building {role} {name!r} from recipe {ref.recipe!r} (cached for later runs)")
-            path = build_recipe(ref.recipe, path, seed=ref.seed, options=ref.options)
-        else:  # pragma: no cover - the config's tagged union has no other kinds
-            raise ModelLoadError(f"unsupported model reference {ref!r}")
+        path = resolve_model_folder(ref, cache, None if logger is None else
+                                    (lambda msg: logger.info(f"{role} {name!r}: {msg}")))
         tok = load_tokenizer(path)
         if not getattr(tok, "is_fast", False):
             raise ModelLoadError(f"{path}: the tokenizer is not a fast tokenizer (offsets are needed)")
@@ -72,5 +55,14 @@ def resolve_models(cfg: PipelineConfig) -> tuple[tuple[ResolvedModel, ...], Reso
     sources = tuple(resolve_model(s.model, s.name, "source", cfg, logger) for s in cfg.sources)
     target = resolve_model(cfg.target.model, cfg.target.name, "target", cfg, logger)
     for m in (*sources, target):
+        check_context(m, cfg.data.max_length)
         logger.info(f"{m.role} {m.name}: {m.path}")
     return sources, target
+
+
+def check_context(model: ResolvedModel, max_length: int) -> None:
+    """Raise ModelLoadError when chunks of data.max_length tokens would not fit the model's context."""
+    context = model_context_length(model.path)
+    if context is not None and max_length > context:
+        raise ModelLoadError(f"{model.role} {model.name!r}: data.max_length ({max_length}) exceeds the model's "
+                             f"context ({context} positions); lower data.max_length")

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from fusion_core.config import HFModelRef, parse_config
@@ -88,3 +90,45 @@ def test_tokenizer_without_vocabulary_is_refused_and_named(tmp_path, tiny_models
 
     with pytest.raises(ValueError, match=rf"source tokenizer .*{message}"):
         build_vocabulary_map(tok, AutoTokenizer.from_pretrained(tiny_models["metaspace"]))
+
+
+def test_chunks_longer_than_a_models_context_are_refused_before_any_stage(tmp_path, tiny_models):
+    from tasks.resolve_models import check_context
+
+    ref = HFModelRef.model_validate({"kind": "hf", "path": str(tiny_models["byte_level"])})
+    model = resolve_model(ref, "small", "source", _cfg(tmp_path))
+    check_context(model, 512)  # the tiny models take 512 positions
+    with pytest.raises(ModelLoadError, match=r"source 'small': data.max_length \(4096\) exceeds the model's "
+                                             r"context \(512 positions\)"):
+        check_context(model, 4096)
+
+
+def test_hub_ids_resolve_from_the_local_cache_only(tmp_path, tiny_models):
+    import shutil
+
+    from huggingface_hub import constants
+
+    from fusion_core.config import HubModelRef
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = Path(constants.HF_HUB_CACHE) / "models--acme--tiny-byte"
+    shutil.copytree(tiny_models["byte_level"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    ref = HubModelRef.model_validate({"kind": "hub", "repo_id": "acme/tiny-byte"})
+    model = resolve_model(ref, "hubbed", "source", _cfg(tmp_path))
+    assert model.path == repo / "snapshots" / commit
+    missing = HubModelRef.model_validate({"kind": "hub", "repo_id": "acme/never-downloaded"})
+    with pytest.raises(ModelLoadError, match=r"source 'm': hub model 'acme/never-downloaded' is not in the local "
+                                             r"Hugging Face cache .*huggingface-cli download acme/never-downloaded"):
+        resolve_model(missing, "m", "source", _cfg(tmp_path))
+
+
+def test_every_config_model_kind_has_a_loader():
+    import typing
+
+    from fusion_core.config import ModelRef
+    from fusion_core.loaders import LOADERS
+
+    kinds = {typing.get_args(m.model_fields["kind"].annotation)[0] for m in typing.get_args(typing.get_args(ModelRef)[0])}
+    assert kinds == set(LOADERS) == {"hf", "hub", "gguf", "package", "recipe"}
