@@ -86,19 +86,24 @@ def score_documents(model, tokenizer, texts: Sequence[str], *, top_k: int, tempe
             mask[r, :lengths[r]] = 1
         marg: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         with torch.inference_mode():
+            # One float32 copy of the logits and per-position log-sum-exps; no full log-softmax
+            # tensors (top-k of the logits minus the normaliser is the top-k of the log-softmax).
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-            finite = torch.isfinite(logits).all(dim=-1) | ~mask.to(device).bool()
+            lse = torch.logsumexp(logits, dim=-1)  # NaN or +inf where any logit is
+            finite = torch.isfinite(lse) | ~mask.to(device).bool()
             if not bool(finite.all()):
                 raise _NonFinite(idx[int((~finite).any(dim=1).nonzero()[0, 0])])
-            logp = torch.log_softmax(logits, dim=-1)
             nxt = ids[:, 1:].to(device)
-            ce = -logp[:, :-1].gather(-1, nxt[..., None])[..., 0]
-            scaled = logp if temperature == 1.0 else torch.log_softmax(logits / temperature, dim=-1)
-            top_lp, top_ids = scaled.topk(top_k, dim=-1)
+            ce = lse[:, :-1] - logits[:, :-1].gather(-1, nxt[..., None])[..., 0]
+            top_v, top_ids = logits.topk(top_k, dim=-1)
+            if temperature == 1.0:
+                top_lp = top_v - lse[..., None]
+            else:
+                top_lp = top_v / temperature - torch.logsumexp(logits / temperature, dim=-1)[..., None]
             if marginal_queries is not None:
-                dev_order = order_t.to(scaled.device) if order_t is not None else None
+                dev_order = order_t.to(logits.device) if order_t is not None else None
                 for r, i in enumerate(idx):
-                    marg[i] = _restricted_topk(scaled[r], marginal_queries[i], dev_order, top_k)
+                    marg[i] = _restricted_topk(logits[r], marginal_queries[i], dev_order, top_k, temperature)
         top_lp, top_ids, ce = top_lp.cpu().numpy(), top_ids.cpu().numpy(), ce.cpu().numpy()
         for r, i in enumerate(idx):
             n = lengths[r]
@@ -113,8 +118,10 @@ def score_documents(model, tokenizer, texts: Sequence[str], *, top_k: int, tempe
     return results  # type: ignore[return-value]
 
 
-def _restricted_topk(logp, queries: np.ndarray, order_t, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per query (position, lo, hi): top-k of logp[position] over ids order_t[lo:hi], renormalised."""
+def _restricted_topk(logits, queries: np.ndarray, order_t, k: int,
+                     temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Per query (position, lo, hi): top-k of log-softmax(logits[position] / T) over the ids
+    order_t[lo:hi], renormalised over them. One device-to-host copy per call."""
     import torch
 
     queries = np.asarray(queries, dtype=np.int64).reshape(-1, 3)
@@ -122,16 +129,23 @@ def _restricted_topk(logp, queries: np.ndarray, order_t, k: int) -> tuple[np.nda
     out_lp = np.full((len(queries), k), -np.inf, dtype=np.float32)
     if order_t is None and len(queries):
         raise ValueError("marginal queries need the source's prefix order (marginal.PrefixIndex.order)")
+    rows, ids_t, lp_t = [], [], []
     for r, (pos, lo, hi) in enumerate(queries.tolist()):
         if hi <= lo:
             continue
         cand = order_t[lo:hi]
-        sub = logp[pos].index_select(0, cand)
-        lse = torch.logsumexp(sub, 0)
+        sub = logits[pos].index_select(0, cand)
+        if temperature != 1.0:
+            sub = sub / temperature
         kk = min(k, hi - lo)
         v, ix = sub.topk(kk)
-        out_ids[r, :kk] = cand[ix].cpu().numpy()
-        out_lp[r, :kk] = (v - lse).cpu().numpy()
+        pad = k - kk
+        rows.append(r)
+        ids_t.append(torch.nn.functional.pad(cand[ix], (0, pad)))
+        lp_t.append(torch.nn.functional.pad(v - torch.logsumexp(sub, 0), (0, pad), value=float("-inf")))
+    if rows:
+        out_ids[rows] = torch.stack(ids_t).cpu().numpy()
+        out_lp[rows] = torch.stack(lp_t).cpu().numpy()
     return out_ids, out_lp
 
 

@@ -135,12 +135,14 @@ def teacher_inference(ctx: RunContext, data: StageResult, alignment: StageResult
                     progress=TokenProgress(src.name, total, logger))
                 job_id = uuid.uuid4().hex
                 _JOBS[job_id] = job
+                scoring_start = time.perf_counter()
                 try:
                     with ThreadPoolTaskRunner(max_workers=tcfg.workers) as runner:
                         futures = [runner.submit(teacher_shard, {"job_id": job_id, "source": src.name,
                                                                  "index": s.index}) for s in todo]
                         for f in futures:
                             f.result()  # re-raises the first failure, naming source and document
+                    scoring_seconds = time.perf_counter() - scoring_start
                 finally:
                     job.progress.close()
                     _JOBS.pop(job_id, None)
@@ -158,9 +160,9 @@ def teacher_inference(ctx: RunContext, data: StageResult, alignment: StageResult
             m = stats.metrics()
             scored = [p for p, s in zip(parts, specs) if s in todo]
             m["scored_shards"] = float(len(scored))
-            if scored:  # throughput of this run's scoring only
-                secs = sum(p.seconds for p in scored) / min(max(tcfg.workers, 1), len(scored))
-                m["tokens_per_s"] = sum(p.source_tokens for p in scored) / secs if secs else 0.0
+            if scored:  # throughput of this run's scoring only: its wall time, whatever the workers
+                m["tokens_per_s"] = sum(p.source_tokens for p in scored) / scoring_seconds if scoring_seconds else 0.0
+                m["scoring_seconds"] = scoring_seconds
             else:
                 m.pop("tokens_per_s", None)
             logger.info(f"{src.name}: {stats.source_tokens} tokens"
