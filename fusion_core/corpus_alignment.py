@@ -239,11 +239,15 @@ def _describe_span(doc: Document, src_tokenizer, tgt_tokenizer, length: int, fir
                      source_tokens=tokens(src, src_tokenizer))
 
 
+ROW_GROUP = 256  # documents per parquet row group: what a shard reads at a time
+
+
 def save_alignment(path: Path, alignment: dict[str, PositionAlignment]) -> None:
+    """Write the alignments in their dict order (the stage's document order), row groups of ROW_GROUP."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    ids = sorted(alignment)
+    ids = list(alignment)
     table = pa.table({
         "doc_id": pa.array(ids, pa.string()),
         "src_pos": pa.array([alignment[i].src_pos.astype(np.int32) for i in ids], pa.list_(pa.int32())),
@@ -251,19 +255,11 @@ def save_alignment(path: Path, alignment: dict[str, PositionAlignment]) -> None:
         "consumed": pa.array([alignment[i].consumed.astype(np.int32) for i in ids], pa.list_(pa.int32())),
     }, metadata={"format": str(ALIGNMENT_FORMAT)})
     tmp = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
+    pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP)
     os.replace(tmp, path)
 
 
-def load_alignment(path: Path) -> dict[str, PositionAlignment]:
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path)
-    meta = table.schema.metadata or {}
-    if meta.get(b"format") != str(ALIGNMENT_FORMAT).encode():
-        raise AlignmentError(f"{path}: alignment format {meta.get(b'format', b'1').decode()} is not "
-                             f"{ALIGNMENT_FORMAT}; rerun align_vocabularies")
-
+def _rows(table) -> dict[str, PositionAlignment]:
     def column(name: str, dtype) -> list[np.ndarray]:
         col = table.column(name)
         return [np.asarray(col[r].values.to_numpy(zero_copy_only=False), dtype=dtype) for r in range(len(col))]
@@ -271,3 +267,51 @@ def load_alignment(path: Path) -> dict[str, PositionAlignment]:
     src_pos, label, consumed = column("src_pos", np.int64), column("label", np.uint8), column("consumed", np.int32)
     return {d: PositionAlignment(s, lab, c)
             for d, s, lab, c in zip(table.column("doc_id").to_pylist(), src_pos, label, consumed)}
+
+
+class AlignmentFile:
+    """One source's saved alignment, read by document without loading the whole corpus.
+
+    Only the document ids stay in memory; `get(ids)` reads the row groups that hold them, so a
+    shard of consecutive documents costs one or two row groups (ROW_GROUP documents each).
+    Raises AlignmentError for a file of another format.
+    """
+
+    def __init__(self, path: Path) -> None:
+        import pyarrow.parquet as pq
+
+        self.path = Path(path)
+        self._file = pq.ParquetFile(self.path)
+        meta = self._file.schema_arrow.metadata or {}
+        if meta.get(b"format") != str(ALIGNMENT_FORMAT).encode():
+            raise AlignmentError(f"{path}: alignment format {meta.get(b'format', b'1').decode()} is not "
+                                 f"{ALIGNMENT_FORMAT}; rerun align_vocabularies")
+        ids = self._file.read(columns=["doc_id"]).column("doc_id").to_pylist()
+        self._row = {d: i for i, d in enumerate(ids)}
+        sizes = [self._file.metadata.row_group(g).num_rows for g in range(self._file.num_row_groups)]
+        self._starts = np.cumsum([0] + sizes)
+
+    def __contains__(self, doc_id: str) -> bool:
+        return doc_id in self._row
+
+    def __len__(self) -> int:
+        return len(self._row)
+
+    def get(self, doc_ids) -> dict[str, PositionAlignment]:
+        missing = [d for d in doc_ids if d not in self._row]
+        if missing:
+            raise KeyError(f"document {missing[0]!r} has no alignment in {self.path} ({len(missing)} such documents): "
+                           "the alignment stage is out of date")
+        rows = sorted(self._row[d] for d in doc_ids)
+        groups = sorted({int(np.searchsorted(self._starts, r, side="right") - 1) for r in rows})
+        wanted = set(doc_ids)
+        out: dict[str, PositionAlignment] = {}
+        for g in groups:
+            out.update({d: a for d, a in _rows(self._file.read_row_group(g)).items() if d in wanted})
+        return out
+
+
+def load_alignment(path: Path) -> dict[str, PositionAlignment]:
+    """Every document's alignment (small corpora, tests); `AlignmentFile` reads by document."""
+    f = AlignmentFile(path)
+    return _rows(f._file.read())

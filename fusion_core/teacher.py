@@ -466,6 +466,8 @@ def score_shard(model, src_tokenizer, tgt_tokenizer, docs: Sequence[Document], a
     start = time.perf_counter()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if hasattr(alignments, "get") and not isinstance(alignments, dict):  # an AlignmentFile: read this shard's rows
+        alignments = alignments.get([d.id for d in docs])
     missing = [d.id for d in docs if d.id not in alignments]
     if missing:
         raise KeyError(f"document {missing[0]!r} has no alignment for source {source_name!r} "
@@ -553,7 +555,8 @@ def run_teacher(model, src_tokenizer, tgt_tokenizer, docs: Sequence[Document], a
                 progress: Callable[[int, int], None] | None = None) -> TeacherRunStats:
     """Score `docs` with one source into out_dir (shard-00000.parquet, ... and their sidecars), in order.
 
-    alignments: document id -> `alignment.PositionAlignment` (or a plain tgt_to_src array).
+    alignments: document id -> `alignment.PositionAlignment` (or a plain tgt_to_src array), or a
+    `corpus_alignment.AlignmentFile` (read shard by shard).
     marginalizer: a `marginal.Marginalizer` for MARGINAL positions; None: they fall back.
     projection: how boundary positions project (`project_to_target`).
     Shards already complete in out_dir for `fingerprint` (`shard_state`) are kept, not rescored:

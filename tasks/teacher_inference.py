@@ -23,7 +23,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from fusion_core.corpus_alignment import load_alignment
+from fusion_core.corpus_alignment import AlignmentFile
 from fusion_core.data import read_documents
 from fusion_core.marginal import Marginalizer
 from fusion_core.models import load_causal_lm, load_tokenizer, resolve_device
@@ -45,7 +45,7 @@ class _ShardJob:
     src_tok: Any
     tgt_tok: Any
     docs: list
-    alignments: dict
+    alignments: AlignmentFile
     vmap: VocabularyMap
     folder: Path
     specs: list[ShardSpec]
@@ -126,7 +126,7 @@ def teacher_inference(ctx: RunContext, data: StageResult, alignment: StageResult
                 total = sum(len(encode_document(src_tok, d.text)) for s in todo for d in docs[s.start:s.stop])
                 job = _ShardJob(
                     source=src.name, model=model, src_tok=src_tok, tgt_tok=tgt_tok, docs=docs,
-                    alignments=load_alignment(alignment.path / f"{src.name}.alignment.parquet"), vmap=vmap,
+                    alignments=AlignmentFile(alignment.path / f"{src.name}.alignment.parquet"), vmap=vmap,
                     folder=folder, specs=specs, fingerprint=key,
                     options=dict(top_k=tcfg.top_k, temperature=tcfg.temperature, batch_size=tcfg.batch_size,
                                  device=device, projection=cfg.alignment.projection,

@@ -100,3 +100,27 @@ def test_old_alignment_files_are_refused(tmp_path):
     pq.write_table(pa.table({"doc_id": ["a"], "tgt_to_src": [[0, 1]]}), tmp_path / "old.parquet")
     with pytest.raises(AlignmentError, match="rerun align_vocabularies"):
         load_alignment(tmp_path / "old.parquet")
+
+
+def test_alignment_file_reads_only_the_row_groups_a_shard_needs(tmp_path, monkeypatch):
+    import fusion_core.corpus_alignment as ca
+    from fusion_core.alignment import PositionAlignment
+    from fusion_core.corpus_alignment import AlignmentFile
+
+    monkeypatch.setattr(ca, "ROW_GROUP", 4)
+    rng = np.random.default_rng(0)
+    alignments = {}
+    for i in range(10):
+        n = int(rng.integers(2, 9))
+        alignments[f"doc-{9 - i}"] = PositionAlignment(np.arange(n), np.zeros(n, np.uint8), np.zeros(n, np.int32))
+    save_alignment(tmp_path / "a.parquet", alignments)  # in the stage's order, not sorted
+    f = AlignmentFile(tmp_path / "a.parquet")
+    assert len(f) == 10 and "doc-3" in f and f._file.num_row_groups == 3
+    read = []
+    original = f._file.read_row_group
+    monkeypatch.setattr(f._file, "read_row_group", lambda g, **kw: read.append(g) or original(g, **kw))
+    got = f.get(["doc-5", "doc-4"])  # rows 4 and 5: the second row group only
+    assert read == [1] and set(got) == {"doc-5", "doc-4"}
+    assert np.array_equal(got["doc-4"].src_pos, alignments["doc-4"].src_pos)
+    with pytest.raises(KeyError, match="'doc-x' has no alignment"):
+        f.get(["doc-x"])
