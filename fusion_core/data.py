@@ -46,6 +46,48 @@ def read_documents(path: Path) -> list[Document]:
         return [Document(**json.loads(line)) for line in f if line.strip()]
 
 
+class DocumentFile:
+    """A documents jsonl read by position without holding the corpus: only line offsets stay in memory.
+
+    `ids()` streams the document ids; `slice(start, stop)` reads documents [start, stop) (what one
+    teacher shard needs); `sample(n)` reads n documents spread over the file.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        offsets = []
+        pos = 0
+        with open(self.path, "rb") as f:
+            for line in f:
+                if line.strip():
+                    offsets.append(pos)
+                pos += len(line)
+        self._offsets = offsets
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def slice(self, start: int, stop: int) -> list[Document]:
+        out = []
+        with open(self.path, "rb") as f:
+            for off in self._offsets[start:stop]:
+                f.seek(off)
+                out.append(Document(**json.loads(f.readline().decode("utf-8"))))
+        return out
+
+    def sample(self, n: int) -> list[Document]:
+        if not self._offsets:
+            return []
+        step = max(1, len(self._offsets) // max(n, 1))
+        return [self.slice(i, i + 1)[0] for i in range(0, len(self._offsets), step)][:n]
+
+    def total_chars(self) -> int:
+        total = 0
+        for start in range(0, len(self), 1024):
+            total += sum(len(d.text) for d in self.slice(start, start + 1024))
+        return total
+
+
 # ---------------------------------------------------------------- reading
 
 def _detect_format(path: Path) -> str:

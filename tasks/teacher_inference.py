@@ -6,7 +6,8 @@ threads sharing one loaded model per source). Shards are written into a work fol
 the stage output (`<workspace>/work/teacher_inference/<stage key>/<source>/`), each atomically
 with a sidecar holding its checksum and statistics; a rerun after a crash or a kill scores only
 the shards that are missing, interrupted or corrupt. When every shard of every source is
-complete they are linked into the stage output, whose manifest is written last.
+complete they are linked into the stage output, whose manifest is written last. A shard task
+reads its own documents and alignments from disk: memory is bounded by the shard, not the corpus.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from fusion_core.corpus_alignment import AlignmentFile
-from fusion_core.data import read_documents
+from fusion_core.data import DocumentFile
 from fusion_core.marginal import Marginalizer
 from fusion_core.models import load_causal_lm, load_tokenizer, resolve_device
 from fusion_core.teacher import (
@@ -44,7 +45,7 @@ class _ShardJob:
     model: Any
     src_tok: Any
     tgt_tok: Any
-    docs: list
+    docs: DocumentFile
     alignments: AlignmentFile
     vmap: VocabularyMap
     folder: Path
@@ -69,7 +70,7 @@ def teacher_shard(job_id: str, source: str, index: int) -> dict:
         job.progress.advance(tokens - seen[0])
         seen[0] = tokens
 
-    stats = score_shard(job.model, job.src_tok, job.tgt_tok, job.docs[spec.start:spec.stop], job.alignments,
+    stats = score_shard(job.model, job.src_tok, job.tgt_tok, job.docs.slice(spec.start, spec.stop), job.alignments,
                         job.vmap.src_to_tgt, job.folder, spec, fingerprint=job.fingerprint,
                         src_special=job.vmap.special_mask(), source_name=source, progress=progress, **job.options)
     return stats.to_json()
@@ -102,8 +103,9 @@ def teacher_inference(ctx: RunContext, data: StageResult, alignment: StageResult
 
         if tcfg.threads:
             torch.set_num_threads(tcfg.threads)
-        docs = read_documents(data.path / "train.jsonl")
+        docs = DocumentFile(data.path / "train.jsonl")  # read shard by shard: memory bounded by the shard
         tgt_tok = load_tokenizer(ctx.target.path)
+        chars = docs.total_chars()
         device = resolve_device(tcfg.device)
         metrics: dict[str, float] = {}
         work = cfg.workspace.root / "work" / "teacher_inference" / key
@@ -123,7 +125,11 @@ def teacher_inference(ctx: RunContext, data: StageResult, alignment: StageResult
                                        trust_remote_code=getattr(src_cfg.model, "trust_remote_code", False))
                 vmap = VocabularyMap.load(alignment.path / f"{src.name}.vocab.npz")
                 needs_text = cfg.alignment.marginalize or cfg.alignment.projection == "text"
-                total = sum(len(encode_document(src_tok, d.text)) for s in todo for d in docs[s.start:s.stop])
+                # Tokens to score, estimated from the characters left and a sample's tokens per character.
+                sample = docs.sample(200)
+                per_char = (sum(len(encode_document(src_tok, d.text)) for d in sample)
+                            / max(sum(len(d.text) for d in sample), 1))
+                total = int(per_char * chars * len(todo) / max(len(specs), 1))
                 job = _ShardJob(
                     source=src.name, model=model, src_tok=src_tok, tgt_tok=tgt_tok, docs=docs,
                     alignments=AlignmentFile(alignment.path / f"{src.name}.alignment.parquet"), vmap=vmap,

@@ -66,3 +66,16 @@ def test_duplicates_are_dropped():
     res = prepare_documents([("c", "d", ["same text here!"] * 3 + ["other text here"])], tokenizers=[],
                             max_length=32, min_chars=5, validation_fraction=0.0, seed=0)
     assert len(res.train) == 2 and res.stats["dropped_duplicate"] == 2
+
+
+def test_document_file_reads_by_position(tmp_path):
+    from fusion_core.data import Document, DocumentFile, read_documents, write_documents
+
+    docs = [Document(id=f"d{i}", domain="code" if i % 2 else "prose", text=f"text {i} é 😀\n" * (i + 1))
+            for i in range(10)]
+    write_documents(tmp_path / "train.jsonl", docs)
+    f = DocumentFile(tmp_path / "train.jsonl")
+    assert len(f) == 10 and f.slice(3, 6) == docs[3:6] and f.slice(8, 20) == docs[8:]
+    assert f.total_chars() == sum(len(d.text) for d in docs)
+    assert [d.id for d in f.sample(3)] == ["d0", "d3", "d6"]
+    assert read_documents(tmp_path / "train.jsonl") == docs
