@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import task, unmapped
 from prefect.cache_policies import NO_CACHE
 
 from fusion_core.corpus_alignment import AlignmentFile
@@ -144,8 +144,8 @@ def teacher_inference(ctx: RunContext, data: StageResult, alignment: StageResult
                 scoring_start = time.perf_counter()
                 try:
                     with ThreadPoolTaskRunner(max_workers=tcfg.workers) as runner:
-                        futures = [runner.submit(teacher_shard, {"job_id": job_id, "source": src.name,
-                                                                 "index": s.index}) for s in todo]
+                        futures = runner.map(teacher_shard, {"job_id": unmapped(job_id), "source": unmapped(src.name),
+                                                             "index": [s.index for s in todo]})
                         for f in futures:
                             f.result()  # re-raises the first failure, naming source and document
                     scoring_seconds = time.perf_counter() - scoring_start
