@@ -118,34 +118,43 @@ def score_documents(model, tokenizer, texts: Sequence[str], *, top_k: int, tempe
     return results  # type: ignore[return-value]
 
 
+_QUERY_CHUNK = 256  # marginal queries handled at once: [chunk, V] floats of work memory
+
+
 def _restricted_topk(logits, queries: np.ndarray, order_t, k: int,
                      temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Per query (position, lo, hi): top-k of log-softmax(logits[position] / T) over the ids
-    order_t[lo:hi], renormalised over them. One device-to-host copy per call."""
+    order_t[lo:hi], renormalised over them.
+
+    Vectorised: the queried rows are gathered in the prefix order ([q, V]), everything outside
+    each query's [lo, hi) masked, then one top-k and one log-sum-exp per chunk of queries; one
+    device-to-host copy per chunk.
+    """
     import torch
 
     queries = np.asarray(queries, dtype=np.int64).reshape(-1, 3)
     out_ids = np.zeros((len(queries), k), dtype=np.int64)
     out_lp = np.full((len(queries), k), -np.inf, dtype=np.float32)
-    if order_t is None and len(queries):
+    if not len(queries):
+        return out_ids, out_lp
+    if order_t is None:
         raise ValueError("marginal queries need the source's prefix order (marginal.PrefixIndex.order)")
-    rows, ids_t, lp_t = [], [], []
-    for r, (pos, lo, hi) in enumerate(queries.tolist()):
-        if hi <= lo:
-            continue
-        cand = order_t[lo:hi]
-        sub = logits[pos].index_select(0, cand)
+    n = order_t.numel()
+    kk = min(k, n)
+    ar = torch.arange(n, device=logits.device)
+    for c0 in range(0, len(queries), _QUERY_CHUNK):
+        q = torch.from_numpy(queries[c0:c0 + _QUERY_CHUNK]).to(logits.device)
+        sub = logits.index_select(0, q[:, 0]).index_select(1, order_t)  # [c, n], prefix order
         if temperature != 1.0:
             sub = sub / temperature
-        kk = min(k, hi - lo)
-        v, ix = sub.topk(kk)
-        pad = k - kk
-        rows.append(r)
-        ids_t.append(torch.nn.functional.pad(cand[ix], (0, pad)))
-        lp_t.append(torch.nn.functional.pad(v - torch.logsumexp(sub, 0), (0, pad), value=float("-inf")))
-    if rows:
-        out_ids[rows] = torch.stack(ids_t).cpu().numpy()
-        out_lp[rows] = torch.stack(lp_t).cpu().numpy()
+        inside = (ar[None, :] >= q[:, 1:2]) & (ar[None, :] < q[:, 2:3])
+        sub = sub.masked_fill(~inside, float("-inf"))
+        lse = torch.logsumexp(sub, dim=1, keepdim=True)
+        v, ix = sub.topk(kk, dim=1)
+        lp = (v - lse).masked_fill(~torch.isfinite(v), float("-inf"))
+        out_ids[c0:c0 + len(q), :kk] = order_t[ix].cpu().numpy()
+        out_lp[c0:c0 + len(q), :kk] = lp.cpu().numpy()
+    out_ids[~np.isfinite(out_lp)] = 0
     return out_ids, out_lp
 
 
