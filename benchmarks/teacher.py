@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/teacher.py [--docs N] [--threads 2] [--batch-size 8] [--top-k 10]
         [--repeats 1] [--pad-to 2048] [--device auto] [--dtype auto] [--random-config NAME_OR_JSON] [--cache DIR]
+        [--no-marginal]
 
 Documents: the demo corpus (`demo_corpus.write_demo_corpus`, seed 0, into a temporary folder),
 read as `tasks/prepare_data.py` reads it and prepared by `data.prepare_documents` with the
@@ -28,7 +29,8 @@ Prints, after a line naming the device (GPU name, or CPU cores) and torch thread
    the tokenizer's pad id), built on the device before the clock starts; "stage" is
    `teacher.score_shard` over one shard of all documents (encoding, marginal queries, forward,
    log-softmax, top-k, restricted top-k, projection onto the target, parquet write), with
-   the source's special tokens dropped and marginalisation on, as the demo runs it. Source
+   the source's special tokens dropped and marginalisation on, as the demo runs it (off with
+   --no-marginal: the work FuseLLM's stage does). Source
    tokens/s (start tokens included, padding not) and the stage's overhead over the bare loop,
    (t_stage - t_bare) / t_bare; then the stage split at its last batch: everything up to the
    last batch's top-k on the host, and the projection plus the parquet write after it.
@@ -177,6 +179,8 @@ def parquet_columns(path: Path) -> dict[str, tuple[int, int]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--no-marginal", action="store_true",
+                    help="score without character-level marginalisation (marginal positions fall back)")
     ap.add_argument("--docs", type=int, default=None, help="train documents, N/3 per domain (default: all)")
     ap.add_argument("--max-length", type=int, default=256, help="data.max_length (tokens per chunk)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
@@ -262,7 +266,7 @@ def main() -> None:
     vmap = build_vocabulary_map(smollm2, target, src_vocab_size=max(out_size, len(smollm2)))
     t_vmap = time.perf_counter() - t0
     t0 = time.perf_counter()
-    marginalizer = Marginalizer.build(smollm2, target)
+    marginalizer = None if args.no_marginal else Marginalizer.build(smollm2, target)
     t_marg = time.perf_counter() - t0
     t0 = time.perf_counter()
     alignments = align_corpus(smollm2, target, docs, vmap.src_to_tgt, examples=0).alignments
@@ -330,7 +334,7 @@ def main() -> None:
           f"top_k {args.top_k}")
     print(f"{'run':14} {'seconds':>9} {'src tok/s':>10} {'overhead':>9}")
     print(f"{'bare forward':14} {t_bare:9.2f} {src_tokens / t_bare:10,.0f} {'':>9}")
-    print(f"{'stage':14} {t_stage:9.2f} {src_tokens / t_stage:10,.0f} {(t_stage - t_bare) / t_bare:9.1%}")
+    print(f"{'stage' + (' (no marg.)' if args.no_marginal else ''):14} {t_stage:9.2f} {src_tokens / t_stage:10,.0f} {(t_stage - t_bare) / t_bare:9.1%}")
     print(f"  stage split: encode + queries + forward + top-k to the last batch {best[0]:.2f} s, "
           f"projection + write {best[1]:.2f} s")
 
