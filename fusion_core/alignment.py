@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fusion_core.tokenization import EncodedText
+from fusion_core.tokenization import EncodedText, unk_token_id
 
 
 def _eligible_states(enc: EncodedText) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -292,8 +292,7 @@ class PairTables:
 
         src = token_surfaces(src_tokenizer)
         tgt = src if src_tokenizer is tgt_tokenizer else token_surfaces(tgt_tokenizer)
-        unk = getattr(src_tokenizer, "unk_token_id", None)
-        return cls.from_surfaces(src, tgt, src_to_tgt, unk if isinstance(unk, int) and unk >= 0 else None)
+        return cls.from_surfaces(src, tgt, src_to_tgt, unk_token_id(src_tokenizer))
 
     @classmethod
     def from_surfaces(cls, src_surfaces: list[str], tgt_surfaces: list[str], src_to_tgt,

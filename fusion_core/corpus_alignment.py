@@ -13,7 +13,6 @@ on the order of the documents (ties between spans are broken by document id).
 """
 from __future__ import annotations
 
-import heapq
 import os
 import time
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from fusion_core.alignment import (
 )
 from fusion_core.data import Document
 from fusion_core.errors import FusionError
-from fusion_core.tokenization import EncodedText, encode_document
+from fusion_core.tokenization import EncodedText, encode_document, unk_token_id
 
 ALIGNMENT_FORMAT = 2  # parquet columns src_pos / label / consumed
 
@@ -133,11 +132,6 @@ def _encode(tokenizer, text: str, role: str, doc: Document) -> EncodedText:
         raise AlignmentError(f"{role} tokenizer cannot encode document {doc.id!r} ({doc.domain}): {exc}") from exc
 
 
-def _unk_id(tokenizer) -> int | None:
-    value = getattr(tokenizer, "unk_token_id", None)
-    return int(value) if isinstance(value, int) and value >= 0 else None
-
-
 def _longest_run(mask: np.ndarray) -> tuple[int, int]:
     """(start, length) of the longest run of True in mask; (0, 0) when none."""
     if not mask.any():
@@ -167,11 +161,11 @@ def align_corpus(src_tokenizer, tgt_tokenizer, docs: Sequence[Document], src_to_
     # (positions whose source next token is the source's unk fall back: `alignment.label_positions`)
     if method == "dtw" and tables is None:
         raise ValueError("DTW alignment compares token surfaces: pass the vocabulary map")
-    src_unk, tgt_unk = _unk_id(src_tokenizer), _unk_id(tgt_tokenizer)
+    src_unk, tgt_unk = unk_token_id(src_tokenizer), unk_token_id(tgt_tokenizer)
     report = AlignmentReport(source=source_name, target=target_name, vocab_stats=dict(vocab_stats or {}),
                              method=method, marginalize=marginalize)
     out: dict[str, PositionAlignment] = {}
-    worst: list[tuple[int, str, int, int]] = []  # min-heap of (positions, -doc order key) kept small
+    runs: list[tuple[int, str, int, int]] = []  # (positions, doc id, first, last): each document's longest
     seconds = 0.0
     for doc in docs:
         src = _encode(src_tokenizer, doc.text, f"source {source_name!r}", doc)
@@ -194,31 +188,13 @@ def align_corpus(src_tokenizer, tgt_tokenizer, docs: Sequence[Document], src_to_
         if examples > 0:
             first, length = _longest_run(al.label[:-1] == FALLBACK) if len(al) > 1 else (0, 0)
             if length:
-                item = (length, _ReverseStr(doc.id), first, first + length - 1)
-                if len(worst) < examples:
-                    heapq.heappush(worst, item)
-                else:
-                    heapq.heappushpop(worst, item)
+                runs.append((length, doc.id, first, first + length - 1))
     report.seconds = seconds
     by_id = {d.id: d for d in docs}
-    for length, rid, first, last in sorted(worst, key=lambda w: (-w[0], w[1].value)):
-        report.worst.append(_describe_span(by_id[rid.value], src_tokenizer, tgt_tokenizer, length, first, last))
+    # Longest first; equal lengths by document id, so the choice does not depend on document order.
+    for length, doc_id, first, last in sorted(runs, key=lambda w: (-w[0], w[1]))[:examples]:
+        report.worst.append(_describe_span(by_id[doc_id], src_tokenizer, tgt_tokenizer, length, first, last))
     return CorpusAlignment(alignments=out, report=report)
-
-
-class _ReverseStr:
-    """Orders strings backwards, so that the heap evicts the larger document id on equal lengths."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: str) -> None:
-        self.value = value
-
-    def __lt__(self, other: "_ReverseStr") -> bool:
-        return self.value > other.value
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, _ReverseStr) and self.value == other.value
 
 
 def _describe_span(doc: Document, src_tokenizer, tgt_tokenizer, length: int, first: int, last: int) -> WorstSpan:

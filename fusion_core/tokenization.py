@@ -62,6 +62,12 @@ def start_token_id(tokenizer) -> int:
     )
 
 
+def unk_token_id(tokenizer) -> int | None:
+    """The tokenizer's unknown-token id, or None when it has none."""
+    value = getattr(tokenizer, "unk_token_id", None)
+    return int(value) if isinstance(value, int) and value >= 0 else None
+
+
 def encode_document(tokenizer, text: str) -> EncodedText:
     """Encode `text` with a fast tokenizer: start token + tokens, with prefix end offsets.
 

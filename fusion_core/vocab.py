@@ -66,8 +66,10 @@ import hashlib
 import json
 import os
 import re
+import threading
 import unicodedata
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -235,7 +237,30 @@ def _roles(tokenizer) -> dict[str, int]:
     return out
 
 
+_ANALYSES: "weakref.WeakKeyDictionary[object, tuple[int, _Analysis]]" = weakref.WeakKeyDictionary()
+_ANALYSES_LOCK = threading.Lock()
+
+
 def _analyse(tokenizer) -> _Analysis:
+    """The tokenizer's family, surfaces, specials and normaliser; computed once per tokenizer object
+    (and again if its length changes, as when tokens are added)."""
+    try:
+        with _ANALYSES_LOCK:
+            cached = _ANALYSES.get(tokenizer)
+    except TypeError:  # not weak-referenceable
+        cached = None
+    if cached is not None and cached[0] == len(tokenizer):
+        return cached[1]
+    result = _compute_analysis(tokenizer)
+    try:
+        with _ANALYSES_LOCK:
+            _ANALYSES[tokenizer] = (len(tokenizer), result)
+    except TypeError:
+        pass
+    return result
+
+
+def _compute_analysis(tokenizer) -> _Analysis:
     n = len(tokenizer)
     tokens = tokenizer.convert_ids_to_tokens(list(range(n)))
     tokens = [t if isinstance(t, str) else None for t in tokens]
@@ -303,7 +328,7 @@ def _analyse(tokenizer) -> _Analysis:
 
 def token_surfaces(tokenizer) -> list[str]:
     """For every id 0..len(tokenizer)-1, the canonical text the token stands for (module doc)."""
-    return _analyse(tokenizer).surfaces
+    return list(_analyse(tokenizer).surfaces)
 
 
 def _text_normaliser(spec: dict | None) -> Callable[[str], str] | None:
@@ -469,25 +494,18 @@ def build_vocabulary_map(src_tokenizer, tgt_tokenizer, *, src_vocab_size: int | 
     src_vocab_size: the source MODEL's output size when larger than len(src_tokenizer) (padded
     embedding rows, e.g. Qwen); the extra ids map like unknown specials (SPECIAL_FALLBACK).
     """
-    for side, tok in (("source", src_tokenizer), ("target", tgt_tokenizer)):
-        problem = vocabulary_problem(tok)
+    src, tgt = _analyse(src_tokenizer), _analyse(tgt_tokenizer)
+    for side, tok, a in (("source", src_tokenizer, src), ("target", tgt_tokenizer, tgt)):
+        problem = _problem(len(tok), a)
         if problem is not None:
             raise ValueError(f"{side} tokenizer {getattr(tok, 'name_or_path', '') or ''!s}: {problem}".replace("  ", " "))
-    src, tgt = _analyse(src_tokenizer), _analyse(tgt_tokenizer)
     n_src = max(len(src.surfaces), src_vocab_size or 0)
     n_tgt = len(tgt.surfaces)
     src_to_tgt = np.full(n_src, -1, dtype=np.int64)
     kind = np.full(n_src, FUZZY, dtype=np.int8)
     distance = np.zeros(n_src, dtype=np.int32)
 
-    # Target representatives: one id per surface (regular < byte fallback < added, then lowest id).
-    candidates = np.flatnonzero(~tgt.special)
-    order = candidates[np.lexsort((candidates, tgt.rank[candidates]))]
-    rep: dict[str, int] = {}
-    rep_same_rank: dict[tuple[str, int], int] = {}
-    for j in order.tolist():
-        rep.setdefault(tgt.surfaces[j], j)
-        rep_same_rank.setdefault((tgt.surfaces[j], int(tgt.rank[j])), j)
+    rep, rep_same_rank = _representatives(tgt)
 
     # Raw byte fragments go to unk only where the target has no byte tokens of its own (WordPiece).
     unk_for_bytes = "unk" in tgt.roles and not any(_has_surrogate(x) for x in rep)
@@ -672,11 +690,7 @@ class SurfaceLookup:
 
 def surface_lookup(tokenizer) -> SurfaceLookup:
     a = _analyse(tokenizer)
-    candidates = np.flatnonzero(~a.special)
-    order = candidates[np.lexsort((candidates, a.rank[candidates]))]
-    rep: dict[str, int] = {}
-    for j in order.tolist():
-        rep.setdefault(a.surfaces[j], j)
+    rep, _ = _representatives(a)
     return SurfaceLookup(rep, a.normaliser, max((len(s) for s in rep), default=0))
 
 
@@ -687,10 +701,25 @@ def text_normaliser(tokenizer) -> Callable[[str], str] | None:
 
 def vocabulary_problem(tokenizer) -> str | None:
     """Why a tokenizer cannot take part in alignment (no vocabulary, only special tokens), or None."""
-    n = len(tokenizer)
-    if n == 0:
+    return _problem(len(tokenizer), None if len(tokenizer) == 0 else _analyse(tokenizer))
+
+
+def _problem(n: int, a: _Analysis | None) -> str | None:
+    if n == 0 or a is None:
         return "the tokenizer has no vocabulary (0 tokens)"
-    a = _analyse(tokenizer)
     if not (~a.special).any():
         return f"the tokenizer has no text tokens: all {n} of its tokens are special"
     return None
+
+
+def _representatives(a: _Analysis) -> tuple[dict[str, int], dict[tuple[str, int], int]]:
+    """One id per surface among the non-special tokens (a regular token before a byte-fallback token
+    before an added token, then the lowest id), and the same per (surface, kind)."""
+    candidates = np.flatnonzero(~a.special)
+    order = candidates[np.lexsort((candidates, a.rank[candidates]))]
+    rep: dict[str, int] = {}
+    rep_same_rank: dict[tuple[str, int], int] = {}
+    for j in order.tolist():
+        rep.setdefault(a.surfaces[j], j)
+        rep_same_rank.setdefault((a.surfaces[j], int(a.rank[j])), j)
+    return rep, rep_same_rank

@@ -27,7 +27,7 @@ from prefect.cache_policies import NO_CACHE
 from fusion_core.corpus_alignment import AlignmentFile
 from fusion_core.data import DocumentFile
 from fusion_core.marginal import Marginalizer
-from fusion_core.models import load_causal_lm, load_tokenizer, resolve_device
+from fusion_core.models import load_causal_lm, load_tokenizer, model_context_length, resolve_device
 from fusion_core.teacher import (
     ShardSpec, ShardStats, aggregate_stats, plan_shards, read_shard_stats, score_shard, shard_state,
 )
@@ -74,11 +74,6 @@ def teacher_shard(job_id: str, source: str, index: int) -> dict:
                         job.vmap.src_to_tgt, job.folder, spec, fingerprint=job.fingerprint,
                         src_special=job.vmap.special_mask(), source_name=source, progress=progress, **job.options)
     return stats.to_json()
-
-
-def _context_length(model) -> int | None:
-    value = getattr(model.config, "max_position_embeddings", None)
-    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -137,7 +132,7 @@ def teacher_inference(ctx: RunContext, data: StageResult, alignment: StageResult
                     options=dict(top_k=tcfg.top_k, temperature=tcfg.temperature, batch_size=tcfg.batch_size,
                                  device=device, projection=cfg.alignment.projection,
                                  marginalizer=Marginalizer.build(src_tok, tgt_tok) if needs_text else None,
-                                 context_length=_context_length(model)),
+                                 context_length=model_context_length(src.path)),
                     progress=TokenProgress(src.name, total, logger))
                 job_id = uuid.uuid4().hex
                 _JOBS[job_id] = job

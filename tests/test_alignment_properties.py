@@ -4,7 +4,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fusion_core.alignment import align_positions
+from fusion_core.alignment import END, FALLBACK, MARGINAL, ONE_TO_ONE_EXACT, align_document, align_positions
 from fusion_core.tokenization import encode_document
 
 TEXT = st.text(
@@ -58,8 +58,6 @@ def test_ascii_text_aligned_with_itself_is_fully_aligned(toks, text):
 
 
 # ----------------------------------------------------------------------------- labelled alignment
-
-from fusion_core.alignment import END, FALLBACK, MARGINAL, ONE_TO_ONE_EXACT, align_document  # noqa: E402
 
 PAIRS = (("smollm2", "metaspace"), ("metaspace", "smollm2"), ("smollm2", "bert"), ("bert", "smollm2"),
          ("byte_level", "wordpiece"), ("wordpiece", "metaspace"))
