@@ -197,8 +197,27 @@ class TeacherConfig(Section):
     docs_per_shard: int = Field(64, ge=1)
     device: str = "auto"
     threads: int | None = Field(None, ge=1, description="torch threads while scoring (default: torch's own)")
-    workers: int = Field(1, ge=1, description="shards scored at once: threads of the Prefect task runner, "
-                                              "sharing one loaded model per source")
+    workers: int = Field(1, ge=1, description="shards scored at once by the task runner's workers")
+    task_runner: str = Field(
+        "threads",
+        description="how shard tasks run: 'threads' (workers threads of this process sharing one loaded model "
+                    "per source), 'processes' (Prefect's ProcessPoolTaskRunner: workers processes, each loading "
+                    "the model once, so workers x its memory; torch threads per process: threads, else the "
+                    "cores / workers), or 'module:Class' of a Prefect TaskRunner built with "
+                    "task_runner_options (a Dask or Ray runner sends shards to other machines, which must see "
+                    "the workspace at the same path)")
+    task_runner_options: dict[str, Any] = Field(default_factory=dict,
+                                                description="keyword arguments of a 'module:Class' task runner")
+
+    @field_validator("task_runner")
+    @classmethod
+    def _runner_name(cls, v: str) -> str:
+        import re
+
+        if v in ("threads", "processes") or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", v):
+            return v
+        raise ValueError(f"must be 'threads', 'processes' or 'module:Class' of a Prefect TaskRunner "
+                         f"(e.g. 'prefect_dask:DaskTaskRunner'), not {v!r}")
 
 
 class TrainingConfig(Section):

@@ -86,24 +86,30 @@ def score_documents(model, tokenizer, texts: Sequence[str], *, top_k: int, tempe
             mask[r, :lengths[r]] = 1
         marg: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         with torch.inference_mode():
-            # One float32 copy of the logits and per-position log-sum-exps; no full log-softmax
-            # tensors (top-k of the logits minus the normaliser is the top-k of the log-softmax).
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-            lse = torch.logsumexp(logits, dim=-1)  # NaN or +inf where any logit is
-            finite = torch.isfinite(lse) | ~mask.to(device).bool()
+            # One float32 copy of the logits; no log-softmax tensors (the top-k of the logits minus
+            # the normaliser is the top-k of the log-softmax) and no key/value cache (nothing is
+            # generated). Each row is reduced over its real positions only, not its padding.
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
+            top_v = torch.zeros((len(idx), width, top_k), dtype=logits.dtype, device=logits.device)
+            top_ids = torch.zeros((len(idx), width, top_k), dtype=torch.long, device=logits.device)
+            lse = torch.zeros((len(idx), width), dtype=logits.dtype, device=logits.device)
+            lse_t = lse if temperature == 1.0 else torch.zeros_like(lse)
+            for r, n in enumerate(lengths):
+                v, i, l1, lt = topk_logsumexp(logits[r, :n], top_k, temperature)
+                top_v[r, :n], top_ids[r, :n], lse[r, :n] = v, i, l1
+                if lt is not None:
+                    lse_t[r, :n] = lt
+            finite = torch.isfinite(lse) | ~mask.to(device).bool()  # NaN or +inf where any logit is
             if not bool(finite.all()):
                 raise _NonFinite(idx[int((~finite).any(dim=1).nonzero()[0, 0])])
             nxt = ids[:, 1:].to(device)
             ce = lse[:, :-1] - logits[:, :-1].gather(-1, nxt[..., None])[..., 0]
-            top_v, top_ids = logits.topk(top_k, dim=-1)
-            if temperature == 1.0:
-                top_lp = top_v - lse[..., None]
-            else:
-                top_lp = top_v / temperature - torch.logsumexp(logits / temperature, dim=-1)[..., None]
+            top_lp = top_v / temperature - lse_t[..., None]
             if marginal_queries is not None:
                 dev_order = order_t.to(logits.device) if order_t is not None else None
                 for r, i in enumerate(idx):
                     marg[i] = _restricted_topk(logits[r], marginal_queries[i], dev_order, top_k, temperature)
+            del logits, lse  # [batch, length, V]: freed before the next batch's forward, not during it
         top_lp, top_ids, ce = top_lp.cpu().numpy(), top_ids.cpu().numpy(), ce.cpu().numpy()
         for r, i in enumerate(idx):
             n = lengths[r]
@@ -118,7 +124,38 @@ def score_documents(model, tokenizer, texts: Sequence[str], *, top_k: int, tempe
     return results  # type: ignore[return-value]
 
 
-_QUERY_CHUNK = 256  # marginal queries handled at once: [chunk, V] floats of work memory
+_CACHE_BYTES = 1 << 21  # rows of logits reduced at once on a CPU: about 2 MiB, so they stay in cache
+
+
+def topk_logsumexp(x, k: int, temperature: float = 1.0):
+    """For the rows of x [n, V]: the k largest values and their ids, log-sum-exp(x) and, when
+    temperature != 1, log-sum-exp(x / temperature) (else None); NaN or +inf where a row has any.
+
+    On a CPU a whole-tensor `torch.logsumexp` makes several passes over the logits through main
+    memory (max, subtract, exp, sum). Here the top-k gives each row's maximum m, and the sums of
+    exp((x - m) / T) are taken a few rows at a time while they stay in cache: about twice as fast
+    (benchmarks/teacher.py). On an accelerator one kernel over the whole tensor is the fast way.
+    """
+    import torch
+
+    values, ids = x.topk(k, dim=-1)
+    if x.device.type != "cpu":
+        return (values, ids, torch.logsumexp(x, dim=-1),
+                None if temperature == 1.0 else torch.logsumexp(x / temperature, dim=-1))
+    m = values[:, 0]
+    rows = max(1, _CACHE_BYTES // (x.shape[1] * x.element_size()))
+    sums = torch.empty(x.shape[0], dtype=x.dtype)
+    sums_t = None if temperature == 1.0 else torch.empty(x.shape[0], dtype=x.dtype)
+    for r0 in range(0, x.shape[0], rows):
+        shifted = x[r0:r0 + rows] - m[r0:r0 + rows, None]
+        if sums_t is not None:
+            sums_t[r0:r0 + rows] = (shifted / temperature).exp_().sum(-1)
+        sums[r0:r0 + rows] = shifted.exp_().sum(-1)
+    lse = sums.log_().add_(m)
+    return values, ids, lse, None if sums_t is None else sums_t.log_().add_(m / temperature)
+
+
+_MIN_WIDTH = 64  # narrowest gather of the restricted top-k
 
 
 def _restricted_topk(logits, queries: np.ndarray, order_t, k: int,
@@ -126,9 +163,11 @@ def _restricted_topk(logits, queries: np.ndarray, order_t, k: int,
     """Per query (position, lo, hi): top-k of log-softmax(logits[position] / T) over the ids
     order_t[lo:hi], renormalised over them.
 
-    Vectorised: the queried rows are gathered in the prefix order ([q, V]), everything outside
-    each query's [lo, hi) masked, then one top-k and one log-sum-exp per chunk of queries; one
-    device-to-host copy per chunk.
+    Vectorised and proportional to the ranges, not the vocabulary: queries are grouped by the
+    power of two that holds their range's width, and per group one gather of [q, width] logits
+    (the ids order_t[lo:lo + width], everything past hi masked), one top-k and one log-sum-exp;
+    one device-to-host copy per group. Most prefixes select a few dozen tokens, so this reads a
+    small fraction of what gathering whole rows would.
     """
     import torch
 
@@ -140,20 +179,25 @@ def _restricted_topk(logits, queries: np.ndarray, order_t, k: int,
     if order_t is None:
         raise ValueError("marginal queries need the source's prefix order (marginal.PrefixIndex.order)")
     n = order_t.numel()
-    kk = min(k, n)
-    ar = torch.arange(n, device=logits.device)
-    for c0 in range(0, len(queries), _QUERY_CHUNK):
-        q = torch.from_numpy(queries[c0:c0 + _QUERY_CHUNK]).to(logits.device)
-        sub = logits.index_select(0, q[:, 0]).index_select(1, order_t)  # [c, n], prefix order
+    widths = np.clip(queries[:, 2] - queries[:, 1], 0, n)
+    group = np.maximum(_MIN_WIDTH, 1 << np.ceil(np.log2(np.maximum(widths, 1))).astype(np.int64))
+    group = np.minimum(group, n)
+    for w in np.unique(group).tolist():
+        rows = np.flatnonzero(group == w)
+        q = torch.from_numpy(queries[rows]).to(logits.device)
+        offsets = torch.arange(w, device=logits.device)
+        cols = (q[:, 1:2] + offsets[None, :]).clamp_(max=n - 1)       # [g, w] positions in prefix order
+        vocab_ids = order_t[cols]                                      # [g, w] source ids
+        sub = logits[q[:, 0:1], vocab_ids]                             # [g, w] gathered logits
         if temperature != 1.0:
             sub = sub / temperature
-        inside = (ar[None, :] >= q[:, 1:2]) & (ar[None, :] < q[:, 2:3])
-        sub = sub.masked_fill(~inside, float("-inf"))
+        sub = sub.masked_fill(q[:, 1:2] + offsets[None, :] >= q[:, 2:3], float("-inf"))
+        kk = min(k, w)
         lse = torch.logsumexp(sub, dim=1, keepdim=True)
         v, ix = sub.topk(kk, dim=1)
         lp = (v - lse).masked_fill(~torch.isfinite(v), float("-inf"))
-        out_ids[c0:c0 + len(q), :kk] = order_t[ix].cpu().numpy()
-        out_lp[c0:c0 + len(q), :kk] = lp.cpu().numpy()
+        out_ids[rows, :kk] = vocab_ids.gather(1, ix).cpu().numpy()
+        out_lp[rows, :kk] = lp.cpu().numpy()
     out_ids[~np.isfinite(out_lp)] = 0
     return out_ids, out_lp
 

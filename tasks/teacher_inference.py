@@ -1,23 +1,26 @@
 """Stage 3, teacher_inference: each source scores the training documents, shard by shard.
 
 Each shard (`teacher.docs_per_shard` documents) is one Prefect task run (`teacher_shard`, mapped
-over the shards that are not complete yet, on a ThreadPoolTaskRunner of `teacher.workers`
-threads sharing one loaded model per source). Shards are written into a work folder outside
-the stage output (`<workspace>/work/teacher_inference/<stage key>/<source>/`), each atomically
-with a sidecar holding its checksum and statistics; a rerun after a crash or a kill scores only
-the shards that are missing, interrupted or corrupt. When every shard of every source is
-complete they are linked into the stage output, whose manifest is written last. A shard task
-reads its own documents and alignments from disk: memory is bounded by the shard, not the corpus.
+over the shards that are not complete yet) on the task runner `teacher.task_runner` names, with
+`teacher.workers` workers: threads of this process sharing one loaded model per source, worker
+processes each loading the model once, or any Prefect task runner (Dask, Ray) that sends the
+tasks elsewhere. A shard task gets only paths and plain values (`ShardJob`) and reads its own
+documents and alignments from disk, so it runs the same wherever it runs, and memory is bounded
+by the shard, not the corpus. Shards are written into a work folder outside the stage output
+(`<workspace>/work/teacher_inference/<stage key>/<source>/`), each atomically with a sidecar
+holding its checksum and statistics; a rerun after a crash or a kill scores only the shards that
+are missing, interrupted or corrupt. When every shard of every source is complete they are
+linked into the stage output, whose manifest is written last.
 """
 from __future__ import annotations
 
 import gc
+import importlib
 import os
 import shutil
 import threading
 import time
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ from prefect.cache_policies import NO_CACHE
 
 from fusion_core.corpus_alignment import AlignmentFile
 from fusion_core.data import DocumentFile
+from fusion_core.errors import FusionError
 from fusion_core.marginal import Marginalizer
 from fusion_core.models import load_causal_lm, load_tokenizer, model_context_length, resolve_device
 from fusion_core.teacher import (
@@ -37,43 +41,136 @@ from tasks.common import TokenProgress, run_logger
 from tasks.stage import RunContext, StageResult, run_stage, stage_key
 
 
-@dataclass
-class _ShardJob:
-    """What every shard task of one source needs; kept in-process (never serialised by Prefect)."""
+@dataclass(frozen=True)
+class ShardJob:
+    """What every shard task of one source needs, as paths and plain values (picklable)."""
 
     source: str
+    model_path: str
+    dtype: str
+    allow_pickle: bool
+    trust_remote_code: bool
+    target_path: str
+    docs_path: str
+    alignment_path: str
+    vocab_path: str
+    folder: str
+    fingerprint: str
+    specs: tuple[ShardSpec, ...]
+    top_k: int
+    temperature: float
+    batch_size: int
+    device: str
+    projection: str
+    marginalize: bool
+
+    @property
+    def id(self) -> str:
+        return f"{self.folder}@{self.fingerprint}"
+
+
+@dataclass
+class _Loaded:
+    """A ShardJob's model, tokenizers and readers, loaded once per process."""
+
     model: Any
     src_tok: Any
     tgt_tok: Any
     docs: DocumentFile
     alignments: AlignmentFile
     vmap: VocabularyMap
-    folder: Path
-    specs: list[ShardSpec]
-    fingerprint: str
-    options: dict
-    progress: TokenProgress
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    marginalizer: Marginalizer | None
+    context_length: int | None
 
 
-_JOBS: dict[str, _ShardJob] = {}
+# Per-process state. Task functions reach it only through the functions below: Prefect
+# cloudpickles a task's function (and the flow's) by value to send it to a worker process, and
+# a module global it names directly (a lock, a model) would be pickled with it.
+_LOADED: dict[str, _Loaded] = {}
+_LOAD_LOCK = threading.Lock()
+_PROGRESS: dict[str, TokenProgress] = {}  # per job, in the process that runs the stage
 
 
-@task(name="teacher_shard", cache_policy=NO_CACHE, persist_result=False, task_run_name="{source}-{index:05d}")
-def teacher_shard(job_id: str, source: str, index: int) -> dict:
-    """Score one shard of one source (see the module doc); returns its statistics."""
-    job = _JOBS[job_id]
+def _progress_of(job: ShardJob) -> TokenProgress | None:
+    return _PROGRESS.get(job.id)
+
+
+def _open_job(job: ShardJob, bar: TokenProgress, preload: bool) -> None:
+    _PROGRESS[job.id] = bar
+    if preload:
+        _load(job)
+
+
+def _close_job(job: ShardJob) -> None:
+    _PROGRESS.pop(job.id, None)
+    _LOADED.pop(job.id, None)
+    gc.collect()
+
+
+def _load(job: ShardJob) -> _Loaded:
+    """The job's model and readers, loaded on this process's first shard of the job."""
+    with _LOAD_LOCK:
+        if job.id not in _LOADED:
+            src_tok, tgt_tok = load_tokenizer(Path(job.model_path)), load_tokenizer(Path(job.target_path))
+            _LOADED[job.id] = _Loaded(
+                model=load_causal_lm(Path(job.model_path), dtype=job.dtype, device=job.device,
+                                     allow_pickle=job.allow_pickle, trust_remote_code=job.trust_remote_code),
+                src_tok=src_tok, tgt_tok=tgt_tok, docs=DocumentFile(Path(job.docs_path)),
+                alignments=AlignmentFile(Path(job.alignment_path)), vmap=VocabularyMap.load(Path(job.vocab_path)),
+                marginalizer=Marginalizer.build(src_tok, tgt_tok) if job.marginalize else None,
+                context_length=model_context_length(Path(job.model_path)))
+        return _LOADED[job.id]
+
+
+def _set_torch_threads(threads: int) -> None:
+    """A worker process's initializer: its share of the cores."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+@task(name="teacher_shard", cache_policy=NO_CACHE, persist_result=False,
+      task_run_name="{job.source}-{index:05d}")
+def teacher_shard(job: ShardJob, index: int) -> dict:
+    """Score one shard of one source (see the module doc); returns its statistics and this process's id."""
+    loaded = _load(job)
     spec = job.specs[index]
+    bar = _progress_of(job)  # present only in the stage's own process
     seen = [0]
 
     def progress(tokens: int, _docs: int) -> None:
-        job.progress.advance(tokens - seen[0])
+        bar.advance(tokens - seen[0])
         seen[0] = tokens
 
-    stats = score_shard(job.model, job.src_tok, job.tgt_tok, job.docs.slice(spec.start, spec.stop), job.alignments,
-                        job.vmap.src_to_tgt, job.folder, spec, fingerprint=job.fingerprint,
-                        src_special=job.vmap.special_mask(), source_name=source, progress=progress, **job.options)
-    return stats.to_json()
+    stats = score_shard(loaded.model, loaded.src_tok, loaded.tgt_tok, loaded.docs.slice(spec.start, spec.stop),
+                        loaded.alignments, loaded.vmap.src_to_tgt, Path(job.folder), spec,
+                        fingerprint=job.fingerprint, top_k=job.top_k, temperature=job.temperature,
+                        batch_size=job.batch_size, device=job.device, marginalizer=loaded.marginalizer,
+                        src_special=loaded.vmap.special_mask(), projection=job.projection, source_name=job.source,
+                        context_length=loaded.context_length, progress=progress if bar is not None else None)
+    return {"stats": stats.to_json(), "pid": os.getpid()}
+
+
+def task_runner(tcfg):
+    """The Prefect task runner `teacher.task_runner` names, built (not started)."""
+    from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
+
+    if tcfg.task_runner == "threads":
+        return ThreadPoolTaskRunner(max_workers=tcfg.workers)
+    if tcfg.task_runner == "processes":
+        threads = tcfg.threads or max(1, (os.cpu_count() or 1) // tcfg.workers)
+        return ProcessPoolTaskRunner(max_workers=tcfg.workers, initializer=_set_torch_threads, initargs=(threads,))
+    module, _, name = tcfg.task_runner.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise FusionError(f"teacher.task_runner: cannot import {tcfg.task_runner!r} ({e})") from e
+    if not (isinstance(cls, type) and issubclass(cls, TaskRunner)):
+        raise FusionError(f"teacher.task_runner: {tcfg.task_runner!r} is not a Prefect TaskRunner class")
+    try:
+        return cls(**tcfg.task_runner_options)
+    except TypeError as e:
+        raise FusionError(f"teacher.task_runner_options do not fit {tcfg.task_runner!r}: {e}") from e
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -87,15 +184,17 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 def teacher_inference(ctx: RunContext, data: StageResult, alignment: StageResult) -> StageResult:
     cfg = ctx.config
     tcfg = cfg.teacher
-    # How many threads score does not change what is scored: not part of the key.
-    key = stage_key("teacher_inference", tcfg.model_dump(mode="json", exclude={"workers", "threads"}),
+    # How shards are scheduled does not change what is scored: not part of the key.
+    key = stage_key("teacher_inference",
+                    tcfg.model_dump(mode="json", exclude={"workers", "threads", "task_runner", "task_runner_options"}),
                     alignment.key, [m.key for m in ctx.sources])
     logger = run_logger()
 
     def build(tmp: Path, meta: dict) -> dict[str, float]:
         import torch
-        from prefect.task_runners import ThreadPoolTaskRunner
+        from prefect.futures import as_completed
 
+        task_runner(tcfg)  # a runner that cannot be built fails here, before any model is loaded
         if tcfg.threads:
             torch.set_num_threads(tcfg.threads)
         docs = DocumentFile(data.path / "train.jsonl")  # read shard by shard: memory bounded by the shard
@@ -113,42 +212,36 @@ def teacher_inference(ctx: RunContext, data: StageResult, alignment: StageResult
             logger.info(f"{src.name}: {len(specs) - len(todo)} of {len(specs)} shards complete, "
                         f"{len(todo)} to score" + (f"; rescoring {', '.join(bad)}" if bad else ""))
             start = time.perf_counter()
-            src_tok = load_tokenizer(src.path)
             if todo:
-                model = load_causal_lm(src.path, dtype=src_cfg.dtype, device=device,
-                                       allow_pickle=getattr(src_cfg.model, "allow_pickle", False),
-                                       trust_remote_code=getattr(src_cfg.model, "trust_remote_code", False))
-                vmap = VocabularyMap.load(alignment.path / f"{src.name}.vocab.npz")
-                needs_text = cfg.alignment.marginalize or cfg.alignment.projection == "text"
+                src_tok = load_tokenizer(src.path)
+                job = ShardJob(
+                    source=src.name, model_path=str(src.path), dtype=src_cfg.dtype,
+                    allow_pickle=getattr(src_cfg.model, "allow_pickle", False),
+                    trust_remote_code=getattr(src_cfg.model, "trust_remote_code", False),
+                    target_path=str(ctx.target.path), docs_path=str(data.path / "train.jsonl"),
+                    alignment_path=str(alignment.path / f"{src.name}.alignment.parquet"),
+                    vocab_path=str(alignment.path / f"{src.name}.vocab.npz"), folder=str(folder), fingerprint=key,
+                    specs=tuple(specs), top_k=tcfg.top_k, temperature=tcfg.temperature,
+                    batch_size=tcfg.batch_size, device=device, projection=cfg.alignment.projection,
+                    marginalize=cfg.alignment.marginalize or cfg.alignment.projection == "text")
                 # Tokens to score, estimated from the characters left and a sample's tokens per character.
                 sample = docs.sample(200)
                 per_char = (sum(len(encode_document(src_tok, d.text)) for d in sample)
                             / max(sum(len(d.text) for d in sample), 1))
-                total = int(per_char * chars * len(todo) / max(len(specs), 1))
-                job = _ShardJob(
-                    source=src.name, model=model, src_tok=src_tok, tgt_tok=tgt_tok, docs=docs,
-                    alignments=AlignmentFile(alignment.path / f"{src.name}.alignment.parquet"), vmap=vmap,
-                    folder=folder, specs=specs, fingerprint=key,
-                    options=dict(top_k=tcfg.top_k, temperature=tcfg.temperature, batch_size=tcfg.batch_size,
-                                 device=device, projection=cfg.alignment.projection,
-                                 marginalizer=Marginalizer.build(src_tok, tgt_tok) if needs_text else None,
-                                 context_length=model_context_length(src.path)),
-                    progress=TokenProgress(src.name, total, logger))
-                job_id = uuid.uuid4().hex
-                _JOBS[job_id] = job
+                bar = TokenProgress(src.name, int(per_char * chars * len(todo) / max(len(specs), 1)), logger)
+                _open_job(job, bar, preload=tcfg.task_runner == "threads")  # threads share one model
                 scoring_start = time.perf_counter()
                 try:
-                    with ThreadPoolTaskRunner(max_workers=tcfg.workers) as runner:
-                        futures = runner.map(teacher_shard, {"job_id": unmapped(job_id), "source": unmapped(src.name),
-                                                             "index": [s.index for s in todo]})
-                        for f in futures:
-                            f.result()  # re-raises the first failure, naming source and document
+                    with task_runner(tcfg) as runner:
+                        futures = runner.map(teacher_shard, {"job": unmapped(job), "index": [s.index for s in todo]})
+                        for f in as_completed(futures):
+                            out = f.result()  # re-raises the first failure, naming source and document
+                            if out["pid"] != os.getpid():  # scored elsewhere: progress by whole shards
+                                bar.advance(ShardStats.from_json(out["stats"]).source_tokens)
                     scoring_seconds = time.perf_counter() - scoring_start
                 finally:
-                    job.progress.close()
-                    _JOBS.pop(job_id, None)
-                    del job, model
-                    gc.collect()
+                    bar.close()
+                    _close_job(job)
             parts: list[ShardStats] = []
             (tmp / src.name).mkdir()
             for s in specs:

@@ -132,3 +132,37 @@ def test_teacher_stage_resumes_shard_by_shard(tmp_path, tiny_models, prefect_har
     total = len(list(Path(out).glob("*/shard-*.parquet")))
     assert len(rescored) == total - 4  # only the shards the killed run had not finished
     assert not work.exists()  # the work folder is gone once the stage output holds the shards
+
+
+@pytest.mark.slow
+def test_teacher_shards_run_in_worker_processes(tmp_path, tiny_models, prefect_harness, monkeypatch):
+    """teacher.task_runner 'processes': shards are scored in worker processes (this process's
+    score_shard is never called) and equal, byte for byte, the shards threads score."""
+    import hashlib
+    from pathlib import Path
+
+    import fusion_core.teacher as teacher
+
+    def shard_digests(summary: dict) -> dict[str, str]:
+        out = Path(summary["stages"]["teacher_inference"]["path"])
+        return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(out.glob("*/shard-*.parquet"))}
+
+    settings = {"teacher.docs_per_shard": 8, "teacher.workers": 2, "teacher.threads": 1}
+    path = write_tiny_pipeline(tmp_path, tiny_models, **settings, **{"teacher.task_runner": "processes"})
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("a shard was written by the stage's own process")
+
+    # Patched in this process only: a worker process imports fusion_core.teacher afresh.
+    with monkeypatch.context() as m:
+        m.setattr(teacher, "write_shard", not_here)
+        in_processes = run_pipeline(path)
+    digests = shard_digests(in_processes)
+    train = Path(in_processes["stages"]["prepare_data"]["path"]) / "train.jsonl"
+    assert len(digests) == 2 * -(-len(train.read_text().splitlines()) // 8)  # two sources, shards of 8 documents
+
+    path = write_tiny_pipeline(tmp_path, tiny_models, **settings, **{"teacher.task_runner": "threads"})
+    in_threads = run_pipeline(path, from_stage="teacher_inference")
+    assert in_threads["stages"]["teacher_inference"]["key"] == in_processes["stages"]["teacher_inference"]["key"]
+    assert shard_digests(in_threads) == digests

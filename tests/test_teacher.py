@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from fusion_core.data import Document
 from fusion_core.teacher import (
     id_dtype, merge_duplicates, project_to_target, read_shards, run_teacher, score_documents,
+    topk_logsumexp,
 )
 from fusion_core.tokenization import encode_document
 
@@ -18,18 +19,43 @@ def byte_model(tiny_models):
     return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
 
-def test_scores_equal_direct_computation(byte_model):
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_scores_equal_direct_computation(byte_model, temperature):
     model, tok = byte_model
-    scores = score_documents(model, tok, TEXTS, top_k=5, batch_size=2)
+    # Batches of 2 documents of different lengths: padded rows are scored over their real positions.
+    scores = score_documents(model, tok, TEXTS, top_k=5, batch_size=2, temperature=temperature)
     for text, sc in zip(TEXTS, scores):
         ids = torch.as_tensor(encode_document(tok, text).ids)[None]
         with torch.no_grad():
             out = model(input_ids=ids, labels=ids)
-        lp, top = torch.topk(torch.log_softmax(out.logits[0], -1), 5)
+        lp, top = torch.topk(torch.log_softmax(out.logits[0] / temperature, -1), 5)
         np.testing.assert_array_equal(sc.topk_ids, top.numpy())
         np.testing.assert_allclose(sc.topk_logprobs, lp.numpy(), atol=1e-5)
-        # Per-sequence CE is the model's own loss (mean next-token CE).
+        # Per-sequence CE is the model's own loss (mean next-token CE, at temperature 1).
         assert sc.seq_ce == pytest.approx(out.loss.item(), abs=1e-5)
+
+
+def test_topk_logsumexp_equals_torch_and_keeps_non_finite_rows():
+    # More rows than one cache-sized chunk, so the chunked sums and their seams are exercised.
+    torch.manual_seed(0)
+    x = torch.randn(150, 20_000) * 4
+    x[7, 3] = float("nan")
+    x[52, 5] = float("inf")
+    x[149] = float("-inf")
+    for temperature in (1.0, 2.0):
+        values, ids, lse, lse_t = topk_logsumexp(x, 5, temperature)
+        want_v, want_i = x.topk(5, dim=-1)
+        torch.testing.assert_close(values, want_v, equal_nan=True)
+        ok = torch.ones(150, dtype=torch.bool)
+        ok[[7, 52, 149]] = False
+        assert torch.equal(ids[ok], want_i[ok])
+        torch.testing.assert_close(lse[ok], torch.logsumexp(x[ok], dim=-1))
+        if temperature == 1.0:
+            assert lse_t is None
+        else:
+            torch.testing.assert_close(lse_t[ok], torch.logsumexp(x[ok] / temperature, dim=-1))
+        # A row with NaN, +inf or nothing but -inf has no normaliser: flagged, never a number.
+        assert not torch.isfinite(lse[[7, 52, 149]]).any()
 
 
 def test_merge_duplicates_uses_log_sum_exp():
