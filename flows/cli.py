@@ -53,19 +53,24 @@ def _quiet_tracebacks() -> None:
             handler.addFilter(_NoTraceback())
 
 
-def _load(config: Path, check_paths: bool = True):
+def _load(config: Path, check_paths: bool = True, overrides: Optional[list[str]] = None):
     from fusion_core.config import ConfigError, load_config
 
     try:
-        return load_config(config, check_paths=check_paths)
+        return load_config(config, check_paths=check_paths, overrides=overrides or ())
     except ConfigError as exc:
         _fail(exc)
 
 
+SET_HELP = ("override a config value, dotted.key=value (YAML value), repeatable: "
+            "--set fusion.strategy=adaptive --set fusion.training.seed=1")
+
+
 @app.command()
-def validate(config: Path = typer.Argument(..., help="pipeline YAML")) -> None:
+def validate(config: Path = typer.Argument(..., help="pipeline YAML"),
+             overrides: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP)) -> None:
     """Check a config: every problem is reported with its field path (exit 1 if any)."""
-    cfg = _load(config)
+    cfg = _load(config, overrides=overrides)
     typer.echo(f"{config}: ok (pipeline {cfg.name!r}, {len(cfg.sources)} sources, strategy {cfg.fusion.strategy})")
 
 
@@ -80,18 +85,20 @@ def schema() -> None:
 @app.command()
 def run(config: Path = typer.Argument(..., help="pipeline YAML"),
         from_stage: Optional[str] = typer.Option(None, "--from", help="recompute this stage and the ones after it"),
-        json_out: bool = typer.Option(False, "--json", help="print the summary as JSON")) -> None:
+        json_out: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+        overrides: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP)) -> None:
     """Run the pipeline; completed stages are reused."""
-    cfg = _load(config)
+    cfg = _load(config, overrides=overrides)
     from flows.env import apply_defaults
 
     apply_defaults(cfg.workspace.root)
     try:
-        from flows.pipeline import run_pipeline
+        from flows.pipeline import run_pipeline, write_resolved_config
 
         if not _state["debug"]:
             _quiet_tracebacks()
-        summary = run_pipeline(config, from_stage)
+        # With overrides, the flow runs the resolved config (absolute paths), kept in the workspace.
+        summary = run_pipeline(write_resolved_config(cfg) if overrides else config, from_stage)
     except Exception as exc:
         _fail(exc)
     if json_out:

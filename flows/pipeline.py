@@ -118,5 +118,18 @@ def fusion_pipeline(config_path: str, from_stage: str | None = None) -> dict:
     return summary.to_dict()
 
 
+def write_resolved_config(cfg: PipelineConfig) -> Path:
+    """The resolved config (defaults filled, paths absolute) as a YAML file in the workspace,
+    named by its fingerprint: what a run with --set overrides actually runs."""
+    from fusion_core.workspace import write_text_atomic
+
+    text = config_to_yaml(cfg)
+    path = cfg.workspace.root / "configs" / f"{cfg.name}-{fingerprint(text)[:12]}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.is_file():
+        write_text_atomic(path, text)
+    return path
+
+
 def run_pipeline(config_path: Path, from_stage: str | None = None) -> dict:
     return fusion_pipeline(str(Path(config_path).resolve()), from_stage)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Sequence, Union
 
 import yaml
 from fusion_core.errors import FusionError
@@ -236,14 +236,32 @@ class TrainingConfig(Section):
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
     seed: int = 0
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1, description="torch threads per training process")
+    processes: int = Field(1, ge=1, description="training processes (ranks) on this machine; more than 1 starts "
+                                                "them with torchrun, each with threads (else cores / processes) "
+                                                "torch threads")
+
+
+class AdaptiveConfig(Section):
+    """The selection network of strategy 'adaptive' (METHOD.md); 'reference' reads tau, hidden and feedback_weight."""
+
+    tau: float = Field(0.15, gt=0, lt=1, description="threshold on the gate: sources with g_k > tau are fused")
+    hidden: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None, description="widths of the MLP's hidden layers (default: [2K, K], the reference shape)")
+    feedback_weight: float = Field(0.5, ge=0, description="beta, the weight of the feedback (importance) loss")
+    objective: Literal["likelihood", "kd"] = Field(
+        "likelihood", description="what trains the selector: the fused distribution's likelihood of the true next "
+                                  "token ('likelihood'), or L_KD as in the paper ('kd'); plus beta * feedback")
+    scores: Literal["sequence", "token"] = Field(
+        "sequence", description="selector input: per-sequence scores exp(-CE), or per position")
 
 
 class FusionConfig(Section):
-    strategy: Literal["min_ce", "avg_ce", "single", "clm"] = "min_ce"
+    strategy: Literal["adaptive", "min_ce", "avg_ce", "single", "clm", "reference"] = "min_ce"
     single_source: str | None = Field(None, description="the source used by strategy 'single'")
     clm_weight: float = Field(0.9, ge=0, le=1, description="lambda in lambda*L_CLM + (1-lambda)*L_KD")
     temperature: float = Field(1.0, gt=0)
+    adaptive: AdaptiveConfig = AdaptiveConfig()
     training: TrainingConfig = TrainingConfig()
 
 
@@ -351,8 +369,48 @@ def parse_config(data: Any, *, base_dir: Path | None = None, source: str = "<con
         raise ConfigError(source, _problems(err)) from None
 
 
-def load_config(path: Path | str, *, check_paths: bool = True) -> PipelineConfig:
-    """Read and validate a YAML pipeline config. Raises ConfigError (file, YAML or field problems)."""
+def apply_overrides(data: dict, overrides: Sequence[str], source: str = "<config>") -> dict:
+    """A copy of a config mapping with `dotted.key=value` overrides applied (value read as YAML:
+    `fusion.strategy=adaptive`, `fusion.training.seed=2`, `fusion.adaptive.hidden=[8, 4]`,
+    `sources.0.dtype=float32`). Raises ConfigError naming a malformed override."""
+    import copy
+
+    out = copy.deepcopy(data)
+    problems = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            problems.append((item, "an override is dotted.key=value"))
+            continue
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            problems.append((key, f"value is not valid YAML: {exc}"))
+            continue
+        *head, last = key.strip().split(".")
+        node: Any = out
+        try:
+            for part in head:
+                if isinstance(node, list):
+                    node = node[int(part)]
+                else:
+                    node = node.setdefault(part, {})
+            if isinstance(node, list):
+                node[int(last)] = value
+            elif isinstance(node, dict):
+                node[last] = value
+            else:
+                raise TypeError
+        except (ValueError, IndexError, TypeError):
+            problems.append((key, "does not name a place in the config (a list needs a number: sources.0.dtype)"))
+    if problems:
+        raise ConfigError(f"{source} (--set)", problems)
+    return out
+
+
+def load_config(path: Path | str, *, check_paths: bool = True, overrides: Sequence[str] = ()) -> PipelineConfig:
+    """Read and validate a YAML pipeline config, with `dotted.key=value` overrides applied.
+    Raises ConfigError (file, YAML, override or field problems)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(str(path), [("(file)", "config file not found")])
@@ -360,6 +418,8 @@ def load_config(path: Path | str, *, check_paths: bool = True) -> PipelineConfig
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(str(path), [("(file)", f"not valid YAML: {exc}")]) from None
+    if overrides and isinstance(data, dict):
+        data = apply_overrides(data, overrides, str(path))
     return parse_config(data, base_dir=path.resolve().parent, source=str(path), check_paths=check_paths)
 
 

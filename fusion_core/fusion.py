@@ -23,7 +23,6 @@ add parameters and loss terms through the same interface (`source_weights`, `aux
 from __future__ import annotations
 
 import abc
-
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Sequence
@@ -165,6 +164,7 @@ class FusionStrategy(nn.Module, abc.ABC):
 
     name: ClassVar[str] = ""
     uses_teachers: ClassVar[bool] = True
+    kd_trains_weights: ClassVar[bool] = True  # False: L_KD's gradient does not reach source_weights
 
     @classmethod
     def from_config(cls, fusion, source_names: Sequence[str]) -> "FusionStrategy":
@@ -272,30 +272,246 @@ class CLMStrategy(FusionStrategy):
         return batch["seq_ce"].new_zeros((batch["seq_ce"].shape[0], 0))
 
 
-def selection_counts(weights: torch.Tensor) -> torch.Tensor:
-    """[K] number of sequences where each source has the largest weight."""
-    if weights.ndim != 2 or weights.shape[1] == 0:
-        return weights.new_zeros((0,))
-    return torch.bincount(weights.detach().argmax(dim=1), minlength=weights.shape[1]).to(torch.float64)
+def teacher_label_probs(batch: Mapping[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+    """Q_k[b,t,label_t]: each source's probability of the true next target token, [B,K,L].
+
+    From the stored top-k (softmax(logprobs / T) over the valid entries, duplicates added); 0
+    where the label is not among them, and at padding. At a position with no teacher signal the
+    stored one-hot of the label gives 1.
+    """
+    ids, lp, labels = batch["teacher_ids"], batch["teacher_logprobs"], batch["labels"]
+    valid = torch.isfinite(lp)
+    scaled = torch.where(valid, lp.float() / temperature, torch.full((), -math.inf, device=lp.device))
+    has = valid.any(-1, keepdim=True)
+    q = torch.softmax(torch.where(has, scaled, torch.zeros_like(scaled)), dim=-1)
+    q = torch.where(valid, q, torch.zeros_like(q))
+    hit = ids == labels.clamp_min(0)[:, None, :, None]
+    return (q * hit).sum(-1) * (labels != IGNORE_INDEX)[:, None, :]
+
+
+def build_selector(num_sources: int, hidden: Sequence[int] | None = None) -> nn.Sequential:
+    """The selection MLP: Linear(K, h1) -> GELU -> ... -> Linear(h_last, K).
+
+    hidden None: the reference shape, Linear(K,2K) -> GELU -> Linear(2K,K) -> GELU -> Linear(K,K).
+    """
+    K = int(num_sources)
+    if K < 1:
+        raise ValueError("the selector needs at least one source")
+    widths = [K, *(hidden if hidden is not None else (2 * K, K)), K]
+    layers: list[nn.Module] = []
+    for i in range(len(widths) - 1):
+        layers.append(nn.Linear(widths[i], widths[i + 1]))
+        if i < len(widths) - 2:
+            layers.append(nn.GELU())
+    return nn.Sequential(*layers)
+
+
+@register_strategy
+class AdaptiveStrategy(FusionStrategy):
+    """The adaptive selection network of Kong et al. 2025 (METHOD.md), as a trained module.
+
+    g = softmax(MLP(r)), r_k = exp(-CE_k) per sequence (scores="sequence") or, per position
+    (scores="token"), the source's probability of the true next target token where it has a
+    signal there and exp(-CE_k) of the sequence where it does not. Sources with g_k > tau are
+    kept (the best one if none passes), w = g * mask renormalised. The MLP's parameters are
+    part of this module, so they are in the optimizer, in every checkpoint and in the saved
+    model (`fusion_strategy.safetensors`); the public code re-created it with random weights
+    in every loss call.
+
+    Loss terms (aux_losses): "feedback" = beta * CV^2 of the per-source importance
+    Imp_k = sum of w_k over the batch's sequences (or labelled positions), the squared
+    coefficient of variation with the population variance; and, with objective="likelihood",
+    "selector_nll" = -mean log sum_k w_k Q_k[label] over labelled positions: the fused
+    distribution's likelihood of the true next token, which trains the selector only (the
+    teachers are fixed and the student is not in it), while L_KD's gradient is kept from the
+    weights. objective="kd" is the paper's: the selector is trained through L_KD (+ feedback),
+    which rewards the sources the student already agrees with.
+    """
+
+    name = "adaptive"
+    EPS = 1e-8
+
+    @classmethod
+    def from_config(cls, fusion, source_names):
+        a = fusion.adaptive
+        return cls(len(source_names), tau=a.tau, hidden=a.hidden, feedback_weight=a.feedback_weight,
+                   objective=a.objective, scores=a.scores, temperature=fusion.temperature, seed=fusion.training.seed)
+
+    def __init__(self, num_sources: int, *, tau: float = 0.15, hidden: Sequence[int] | None = None,
+                 feedback_weight: float = 0.5, objective: str = "likelihood", scores: str = "sequence",
+                 temperature: float = 1.0, seed: int = 0):
+        super().__init__()
+        if not 0 < tau < 1:
+            raise ValueError(f"tau must lie in (0, 1); got {tau}")
+        if feedback_weight < 0:
+            raise ValueError(f"feedback_weight must be >= 0; got {feedback_weight}")
+        if objective not in ("likelihood", "kd"):
+            raise ValueError(f"objective must be 'likelihood' or 'kd'; got {objective!r}")
+        if scores not in ("sequence", "token"):
+            raise ValueError(f"scores must be 'sequence' or 'token'; got {scores!r}")
+        self.num_sources, self.tau, self.feedback_weight = int(num_sources), float(tau), float(feedback_weight)
+        self.objective, self.scores, self.temperature = objective, scores, float(temperature)
+        self.hidden = None if hidden is None else [int(h) for h in hidden]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.selector = build_selector(self.num_sources, self.hidden)
+
+    @property
+    def kd_trains_weights(self) -> bool:  # type: ignore[override]
+        return self.objective == "kd"
+
+    def _gate(self, batch) -> nn.Module:
+        return self.selector
+
+    def scores_of(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """r: [B,K] per sequence, or [B,K,L] per position."""
+        r = torch.exp(-_seq_ce(batch))
+        if r.shape[1] != self.num_sources:
+            raise ValueError(f"the selector was built for {self.num_sources} sources; the batch has {r.shape[1]}")
+        if self.scores == "sequence":
+            return r
+        q = teacher_label_probs(batch, self.temperature)                        # [B,K,L]
+        return torch.where(batch["teacher_aligned"], q, r.unsqueeze(-1).expand_as(q))
+
+    def gate(self, r: torch.Tensor, selector: nn.Module) -> torch.Tensor:
+        """g = softmax(MLP(r)) over the sources; r [B,K] or [B,K,L]."""
+        param = next(selector.parameters())
+        x = r.to(param.dtype)
+        if x.ndim == 3:
+            return torch.softmax(selector(x.transpose(1, 2)), dim=-1).transpose(1, 2)
+        return torch.softmax(selector(x), dim=-1)
+
+    def source_weights(self, batch):
+        g = self.gate(self.scores_of(batch), self._gate(batch))
+        keep = g > self.tau
+        best = F.one_hot(g.argmax(dim=1), g.shape[1]).movedim(-1, 1).bool()
+        keep = torch.where(keep.any(dim=1, keepdim=True), keep, best)
+        w = g * keep
+        return w / (w.sum(dim=1, keepdim=True) + self.EPS)
+
+    def aux_losses(self, batch, weights):
+        out: dict[str, torch.Tensor] = {}
+        labelled = (batch["labels"] != IGNORE_INDEX)
+        w = weights.float()
+        if self.feedback_weight > 0:
+            imp = w.sum(0) if w.ndim == 2 else (w * labelled[:, None, :]).sum(dim=(0, 2))
+            cv2 = imp.var(correction=0) / (imp.mean() ** 2 + 1e-10)
+            out["feedback"] = self.feedback_weight * cv2
+        if self.objective == "likelihood":
+            q = teacher_label_probs(batch, self.temperature)                     # [B,K,L]
+            ww = w.unsqueeze(-1) if w.ndim == 2 else w
+            fused = (ww * q).sum(1)                                              # [B,L]
+            nll = -torch.log(fused + self.EPS)
+            out["selector_nll"] = torch.where(labelled, nll, torch.zeros_like(nll)).sum() / labelled.sum().clamp_min(1)
+        return out
+
+
+@register_strategy
+class ReferenceStrategy(AdaptiveStrategy):
+    """The public reference code's behaviour, kept only to measure against: the selection MLP is
+    created afresh, randomly initialised, at every loss computation, so it is never trained
+    (its feedback term is computed and logged but reaches no parameter)."""
+
+    name = "reference"
+
+    @classmethod
+    def from_config(cls, fusion, source_names):
+        a = fusion.adaptive
+        return cls(len(source_names), tau=a.tau, hidden=a.hidden, feedback_weight=a.feedback_weight,
+                   objective="kd", scores="sequence", temperature=fusion.temperature, seed=fusion.training.seed)
+
+    def __init__(self, num_sources: int, **kwargs):
+        super().__init__(num_sources, **kwargs)
+        del self.selector  # no persistent parameters
+        self._generator = torch.Generator().manual_seed(int(kwargs.get("seed", 0)))
+
+    def _gate(self, batch) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=self._generator)))
+            return build_selector(self.num_sources, self.hidden).to(batch["seq_ce"].device)
+
+
+def selection_counts(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per source over the sequences of a batch, from per-sequence weights [B,K]: ([K] sequences
+    that select it, [K] the sum of its weights). A sequence selects a source when the source's
+    weight is above zero (the adaptive threshold zeroes the others; min_ce and single select
+    one; avg_ce all)."""
+    w = weights.detach().to(torch.float64)
+    if w.ndim != 2 or w.shape[1] == 0:
+        return w.new_zeros((0,)), w.new_zeros((0,))
+    return (w > 0).sum(0).to(torch.float64), w.sum(0)
 
 
 # ---------------------------------------------------------------- losses
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)   # bf16/fp16 -> fp32; fp64 stays fp64
+_CHUNK_BYTES = 1 << 22  # rows of logits handled at once: about 4 MiB of work memory
 
 
-def _log_softmax_at(logits: torch.Tensor, lse: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[..., ids] without materialising a second [B,L,V] tensor."""
-    return logits.gather(-1, ids) - lse.unsqueeze(-1)
+class _SparseCrossEntropy(torch.autograd.Function):
+    """sum over positions (b, t) and entries j of probs[b,t,j] * -log softmax(z[b,t])[ids[b,t,j]].
+
+    = sum c[b,t] * lse(z[b,t]) - sum probs * z[ids], c = sum_j probs. The only full-size tensor it
+    creates is the gradient w.r.t. z itself, written row chunk by row chunk as
+    c * softmax(z) - scatter(probs at ids); the log-sum-exps are taken a chunk of rows at a time
+    as well. Autograd through logsumexp and gather would hold three more [B, L, V] buffers
+    (benchmarks/kd.py). probs may require grad (selector weights trained through L_KD): its
+    gradient is -log softmax(z)[ids]. Reduced in at least fp32 (fp64 stays fp64).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, ids, probs):
+        cd = torch.promote_types(logits.dtype, torch.float32)
+        flat = logits.detach().reshape(-1, logits.shape[-1])
+        rows = max(1, _CHUNK_BYTES // (flat.shape[1] * 4))
+        lse = torch.empty(flat.shape[0], dtype=cd, device=logits.device)
+        for r0 in range(0, flat.shape[0], rows):
+            lse[r0:r0 + rows] = torch.logsumexp(flat[r0:r0 + rows].to(cd), dim=-1)
+        lse = lse.reshape(logits.shape[:-1])
+        neg_logp = lse.unsqueeze(-1) - logits.detach().gather(-1, ids).to(cd)   # [B, L, M]
+        ctx.save_for_backward(logits, ids, probs, lse, neg_logp)
+        ctx.mark_non_differentiable(neg_logp)
+        return (probs.to(cd) * neg_logp).sum(), neg_logp
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_neg_logp):
+        logits, ids, probs, lse, neg_logp = ctx.saved_tensors
+        cd = lse.dtype
+        grad_logits = grad_probs = None
+        if ctx.needs_input_grad[0]:
+            V = logits.shape[-1]
+            flat = logits.detach().reshape(-1, V)
+            grad = torch.empty_like(logits).reshape(-1, V)
+            g = grad_out.to(cd)
+            p_flat = probs.detach().to(cd).reshape(flat.shape[0], -1) * g
+            c = p_flat.sum(-1)
+            i_flat = ids.reshape(flat.shape[0], -1)
+            l_flat = lse.reshape(-1)
+            rows = max(1, _CHUNK_BYTES // (V * 4))
+            for r0 in range(0, flat.shape[0], rows):
+                sl = slice(r0, r0 + rows)
+                chunk = torch.exp(flat[sl].to(cd) - l_flat[sl, None]).mul_(c[sl, None])
+                chunk.scatter_add_(1, i_flat[sl], -p_flat[sl])
+                grad[sl] = chunk.to(grad.dtype)
+            grad_logits = grad.reshape(logits.shape)
+        if ctx.needs_input_grad[2]:
+            grad_probs = (neg_logp * grad_out.to(cd)).to(probs.dtype)
+        return grad_logits, None, grad_probs
 
 
-def _kd_from_logits(logits: torch.Tensor, lse: torch.Tensor, teacher_ids: torch.Tensor,
-                    teacher_logprobs: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor,
-                    temperature: float) -> torch.Tensor:
-    B, L, V = logits.shape
-    _, K, _, k = teacher_ids.shape
-    dtype = logits.dtype
+def sparse_cross_entropy(logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """sum_{b,t,j} probs[b,t,j] * -log softmax(logits[b,t])[ids[b,t,j]], computed without any
+    [B, L, V] temporary beyond the gradient (see `_SparseCrossEntropy`), and the per-entry
+    -log softmax(logits)[ids] [B,L,M] (no gradient). logits [B,L,V] (any float dtype; reduced
+    in fp32), ids [B,L,M] int64, probs [B,L,M] (0 for unused entries)."""
+    return _SparseCrossEntropy.apply(logits, ids, probs)
+
+
+def _teacher_entries(teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor, weights: torch.Tensor,
+                     labels: torch.Tensor, V: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused teacher distribution P as entries: ids [B,L,K*k+K] and probabilities w_k Q_k[j]
+    (+ w_k on the label for a source without signal at the position), 0 at unlabelled positions."""
+    B, K, L, k = teacher_ids.shape
     valid = torch.isfinite(teacher_logprobs)                                   # [B,K,L,k]
     has = valid.any(dim=-1)                                                    # [B,K,L]
     ids = torch.where(valid, teacher_ids, torch.zeros_like(teacher_ids))
@@ -303,52 +519,47 @@ def _kd_from_logits(logits: torch.Tensor, lse: torch.Tensor, teacher_ids: torch.
         lo, hi = int(ids[valid].min()), int(ids[valid].max())
         if lo < 0 or hi >= V:
             raise ValueError(f"teacher ids must lie in the student vocabulary [0, {V}); got [{lo}, {hi}]")
-    scaled = torch.where(valid, teacher_logprobs.to(dtype) / temperature,
-                         torch.full((), -math.inf, dtype=dtype, device=logits.device))
+    cd = torch.promote_types(weights.dtype, torch.float32)
+    scaled = torch.where(valid, teacher_logprobs.to(cd) / temperature,
+                         torch.full((), -math.inf, dtype=cd, device=teacher_logprobs.device))
     q = torch.softmax(torch.where(has.unsqueeze(-1), scaled, torch.zeros_like(scaled)), dim=-1)
     q = torch.where(valid, q, torch.zeros_like(q))                             # rows without signal: all 0
-    # Student log-probs at every stored (k, j) id: [B, L, K*k] -> [B, K, L, k].
-    flat = ids.permute(0, 2, 1, 3).reshape(B, L, K * k)
-    lp = _log_softmax_at(logits, lse, flat).reshape(B, L, K, k).permute(0, 2, 1, 3)
-    safe_labels = labels.clamp_min(0)
-    lp_label = _log_softmax_at(logits, lse, safe_labels.unsqueeze(-1)).squeeze(-1)   # [B, L]
-    per_source = (q * lp).sum(-1)                                              # [B,K,L]
-    per_source = torch.where(has, per_source, lp_label.unsqueeze(1))           # no signal: one-hot label
-    w = weights.to(dtype).unsqueeze(-1)                                        # [B,K,1]
-    per_pos = -(w * per_source).sum(1)                                         # [B,L]
-    mask = labels != IGNORE_INDEX
-    n = mask.sum().clamp_min(1)
-    return torch.where(mask, per_pos, torch.zeros_like(per_pos)).sum() / n
+    w = weights.to(cd)
+    w = w.unsqueeze(-1) if w.ndim == 2 else w                                  # [B,K,1] or [B,K,L]
+    labelled = (labels != IGNORE_INDEX)
+    probs = q * w.unsqueeze(-1)                                                # [B,K,L,k]
+    fallback = torch.where(has, torch.zeros_like(w.expand(B, K, L)), w.expand(B, K, L))  # [B,K,L]
+    all_ids = torch.cat([ids.permute(0, 2, 1, 3).reshape(B, L, K * k),
+                         labels.clamp_min(0).unsqueeze(-1).expand(B, L, K)], dim=-1)
+    all_probs = torch.cat([probs.permute(0, 2, 1, 3).reshape(B, L, K * k), fallback.permute(0, 2, 1)], dim=-1)
+    return all_ids, all_probs * labelled.unsqueeze(-1)
 
 
 def sparse_kd_loss(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
                    weights: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Cross-entropy of the student against the fused sparse teacher distribution.
 
-    student_logits [B,L,V]; teacher_ids / teacher_logprobs [B,K,L,k]; weights [B,K] (rows sum
-    to 1); labels [B,L] with -100 where there is no target. Returns the mean over labelled
-    positions of -sum_v P[v] log softmax(z)_v, P = sum_k w_k softmax(logprobs_k / T).
-    Computed in at least fp32.
+    student_logits [B,L,V]; teacher_ids / teacher_logprobs [B,K,L,k]; weights [B,K] per
+    sequence or [B,K,L] per position (summing to 1 over K); labels [B,L] with -100 where there
+    is no target. Returns the mean over labelled positions of -sum_v P[v] log softmax(z)_v,
+    P = sum_k w_k softmax(logprobs_k / T) on the union of the stored ids. Computed in fp32
+    without materialising P or any other [B,L,V] tensor but the gradient.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0; got {temperature}")
-    logits = student_logits.to(_compute_dtype(student_logits))
-    lse = torch.logsumexp(logits, dim=-1)
-    return _kd_from_logits(logits, lse, teacher_ids, teacher_logprobs, weights, labels, temperature)
+    ids, probs = _teacher_entries(teacher_ids, teacher_logprobs, weights, labels, student_logits.shape[-1],
+                                  temperature)
+    n = (labels != IGNORE_INDEX).sum().clamp_min(1)
+    return sparse_cross_entropy(student_logits, ids, probs)[0] / n
 
 
 def clm_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; labels are already shifted (labels[t] = input_ids[t+1])."""
-    logits = student_logits.to(_compute_dtype(student_logits))
-    lse = torch.logsumexp(logits, dim=-1)
-    return _clm_from_logits(logits, lse, labels)
-
-
-def _clm_from_logits(logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    # Same value as F.cross_entropy(ignore_index=-100), but 0 (not NaN) when nothing is labelled.
-    mask = labels != IGNORE_INDEX
-    lp_label = _log_softmax_at(logits, lse, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return -torch.where(mask, lp_label, torch.zeros_like(lp_label)).sum() / mask.sum().clamp_min(1)
+    """Mean next-token cross-entropy; labels are already shifted (labels[t] = input_ids[t+1]).
+    Same value as F.cross_entropy(ignore_index=-100), but 0 (not NaN) when nothing is labelled."""
+    labelled = labels != IGNORE_INDEX
+    n = labelled.sum().clamp_min(1)
+    return sparse_cross_entropy(student_logits, labels.clamp_min(0).unsqueeze(-1),
+                                labelled.unsqueeze(-1).float())[0] / n
 
 
 def fusion_loss(student_logits: torch.Tensor, batch: Mapping[str, torch.Tensor], strategy: FusionStrategy, *,
@@ -356,25 +567,43 @@ def fusion_loss(student_logits: torch.Tensor, batch: Mapping[str, torch.Tensor],
     """The training loss and its parts.
 
     Returns {"loss", "clm", "kd", <strategy's aux terms>..., "weights"}: loss = clm_weight *
-    clm + (1 - clm_weight) * kd + sum(aux). For a strategy that uses no teachers (clm) there is
-    no "kd" and loss = clm. "weights" is the [B,K] source weights (detached), for logging.
+    clm + (1 - clm_weight) * kd + sum(aux). For a strategy that uses no teachers (clm) there
+    is no "kd" and loss = clm. "clm" and "kd" are their values (detached; "loss" carries the
+    gradient): both are one sparse cross-entropy over the label and the teachers' entries,
+    so the student's gradient is built once. "weights" is the [B,K] source weights (detached;
+    per-position weights averaged over each sequence's labelled positions), for logging.
+    The KD term reaches the weights' parameters only when the strategy says so
+    (`kd_trains_weights`: the paper's objective); otherwise its own aux terms train them.
     """
     labels = batch["labels"]
-    logits = student_logits.to(_compute_dtype(student_logits))
-    lse = torch.logsumexp(logits, dim=-1)
-    clm = _clm_from_logits(logits, lse, labels)
-    out: dict[str, torch.Tensor] = {"clm": clm}
+    labelled = labels != IGNORE_INDEX
+    n = labelled.sum().clamp_min(1)
+    label_ids = labels.clamp_min(0).unsqueeze(-1)
+    label_probs = labelled.unsqueeze(-1).float()
     if not strategy.uses_teachers:
-        out["loss"] = clm
-        out["weights"] = labels.new_zeros((labels.shape[0], 0), dtype=logits.dtype)
-        return out
+        clm = sparse_cross_entropy(student_logits, label_ids, label_probs)[0] / n
+        return {"clm": clm.detach(), "loss": clm,
+                "weights": labels.new_zeros((labels.shape[0], 0), dtype=torch.float32)}
     weights = strategy.source_weights(batch)
-    kd = _kd_from_logits(logits, lse, batch["teacher_ids"], batch["teacher_logprobs"], weights, labels, temperature)
-    loss = clm if clm_weight >= 1.0 else clm_weight * clm + (1.0 - clm_weight) * kd
+    kd_weights = weights if strategy.kd_trains_weights else weights.detach()
+    t_ids, t_probs = _teacher_entries(batch["teacher_ids"], batch["teacher_logprobs"], kd_weights, labels,
+                                      student_logits.shape[-1], temperature)
+    lam = float(clm_weight)
+    ids = torch.cat([label_ids, t_ids], dim=-1)
+    probs = torch.cat([label_probs * lam, t_probs * (1.0 - lam)], dim=-1) / n
+    loss, neg_logp = sparse_cross_entropy(student_logits, ids, probs)
+    with torch.no_grad():  # the two parts' values, from the same log-probabilities
+        clm = (neg_logp[..., 0] * label_probs[..., 0]).sum() / n
+        kd = (neg_logp[..., 1:] * t_probs.detach()).sum() / n
+    out: dict[str, torch.Tensor] = {"clm": clm, "kd": kd}
     for name, value in strategy.aux_losses(batch, weights).items():
         out[name] = value
         loss = loss + value
-    out.update(loss=loss, kd=kd, weights=weights.detach())
+    logged = weights.detach()
+    if logged.ndim == 3:  # per position: each sequence's mean over its labelled positions
+        m = labelled[:, None, :].to(logged.dtype)
+        logged = (logged * m).sum(-1) / m.sum(-1).clamp_min(1)
+    out.update(loss=loss, weights=logged)
     return out
 
 

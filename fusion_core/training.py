@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import os
@@ -34,6 +35,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from fusion_core.workspace import write_json_atomic
 from fusion_core.fusion import (
     FusionExample, FusionModel, collate, selection_counts, source_count, strategy_from_config,
 )
@@ -41,6 +43,7 @@ from fusion_core.fusion import (
 log_ = logging.getLogger(__name__)
 
 CHECKPOINT_SUBDIR = "checkpoints"
+IDENTITY_FILE = "identity.json"  # what the checkpoints were written for: data, batching, strategy
 MODEL_SUBDIR = "model"
 _TAG_RE = re.compile(r"^step(\d+)$")
 
@@ -174,8 +177,16 @@ def _accelerator():
     return get_accelerator()
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; training stopped before the bad step was applied."""
+
+
 def resolve_precision(precision: str) -> str:
-    """'auto' -> bf16 on a CUDA GPU that supports it, else fp32."""
+    """'auto' -> bf16 on a CUDA GPU that supports it, else fp32. An explicit bf16 without such a
+    GPU is refused: DeepSpeed's CPU backend would emulate it, 7-20x slower than fp32."""
+    if precision == "bf16" and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+        raise ValueError("fusion.training.precision 'bf16' needs a CUDA GPU with bf16 support; this machine has "
+                         "none (on the CPU bf16 runs emulated, 7-20x slower than fp32): use 'fp32' or 'auto'")
     if precision != "auto":
         return precision
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
@@ -282,8 +293,9 @@ def train_target(model_dir: Path, examples: Sequence[FusionExample], *, fusion, 
 
     Writes checkpoints under out_dir/checkpoints (resumed automatically) and the trained model
     to out_dir/model. `log(metrics, step)` is called on rank 0 every `log_every` steps and after
-    the last step, with loss, clm, kd, lr, tokens_per_s, step_time_s, tokens_seen, epoch and
-    select.<source> (share of sequences where that source has the largest weight).
+    the last step, with loss, clm, kd, the strategy's own terms (feedback, selector_nll), lr,
+    tokens_per_s, step_time_s, tokens_seen, epoch, select.<source> (share of sequences that
+    select the source: weight above zero) and weight.<source> (its mean weight).
     An exception raised by `log` aborts training (checkpoints already written stay valid).
     Raises ValueError for inconsistent inputs or a checkpoint from different data/batching.
     """
@@ -334,17 +346,21 @@ def train_target(model_dir: Path, examples: Sequence[FusionExample], *, fusion, 
                 "micro_batch_size": int(training.micro_batch_size),
                 "gradient_accumulation": int(training.gradient_accumulation),
                 "world_size": int(world), "seed": int(training.seed), "num_sources": int(K),
+                "strategy": strategy.name,
+                "strategy_parameters": {k: list(v.shape) for k, v in strategy.state_dict().items()},
             }
             step, tokens_seen, resumed_from = 0, 0, None
             if (ckpt_dir / "latest").is_file():
+                # Checked before loading: a checkpoint of another strategy would not even load.
+                saved_identity = (json.loads((ckpt_dir / IDENTITY_FILE).read_text())
+                                  if (ckpt_dir / IDENTITY_FILE).is_file() else {})
+                diff = {k: (saved_identity.get(k), v) for k, v in identity.items() if saved_identity.get(k) != v}
+                if diff:
+                    raise ValueError(f"checkpoint in {ckpt_dir} was written for other data, batching or strategy "
+                                     f"(saved, now): {diff}; use a new out_dir or delete the checkpoints")
                 path, client = engine.load_checkpoint(str(ckpt_dir))
                 if path is None:
                     raise RuntimeError(f"could not load the latest checkpoint in {ckpt_dir}")
-                saved_identity = client.get("identity", {})
-                diff = {k: (saved_identity.get(k), v) for k, v in identity.items() if saved_identity.get(k) != v}
-                if diff:
-                    raise ValueError(f"checkpoint in {ckpt_dir} was written for other data or batching "
-                                     f"(saved, now): {diff}; use a new out_dir or delete the checkpoints")
                 step = resumed_from = int(client["step"])
                 tokens_seen = int(client["tokens_seen"])
                 if client.get("rng_state") is not None:
@@ -365,6 +381,9 @@ def train_target(model_dir: Path, examples: Sequence[FusionExample], *, fusion, 
                           "epoch": micro_batch_position(at, 0, rank=0, world_size=world, micro_batch_size=mbs,
                                                         gradient_accumulation=gas) // len(examples),
                           "rng_state": torch.get_rng_state()}
+                if rank == 0 and not (ckpt_dir / IDENTITY_FILE).is_file():
+                    ckpt_dir.mkdir(parents=True, exist_ok=True)
+                    write_json_atomic(ckpt_dir / IDENTITY_FILE, identity)
                 engine.save_checkpoint(str(ckpt_dir), tag=f"step{at}", client_state=client)
                 if rank == 0:
                     _prune_checkpoints(ckpt_dir, keep_checkpoints)
@@ -379,6 +398,16 @@ def train_target(model_dir: Path, examples: Sequence[FusionExample], *, fusion, 
                     n_tok = int(batch.pop("lengths").sum())
                     batch = {k: v.to(device) for k, v in batch.items()}
                     out = engine(**batch)
+                    finite = torch.isfinite(out["loss"].detach()).to(torch.float64).reshape(1)
+                    if world > 1:
+                        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+                    if not bool(finite.item()):
+                        kept = (f"the last good checkpoint, step {last_saved}, is kept in {ckpt_dir}"
+                                if last_saved else "no checkpoint had been written yet")
+                        parts = ", ".join(f"{k} {float(v):.4g}" for k, v in out.items()
+                                          if k != "weights" and v.ndim == 0)
+                        raise TrainingDiverged(f"step {step + 1} (micro-batch {micro + 1}): the loss is not finite "
+                                               f"({parts}); training stopped before applying it; {kept}")
                     engine.backward(out["loss"])
                     engine.step()
                     win.add(out, n_tok)
@@ -437,6 +466,7 @@ class _Window:
         self.pending_tokens = 0
         self.lr = float("nan")
         self.select = np.zeros(K, dtype=np.float64)
+        self.weight = np.zeros(K, dtype=np.float64)
         self.sequences = 0
 
     def add(self, out: dict[str, torch.Tensor], n_tok: int) -> None:
@@ -448,12 +478,14 @@ class _Window:
         w = out["weights"]
         self.sequences += int(w.shape[0])
         if self.K and w.shape[1] == self.K:
-            self.select += selection_counts(w).cpu().numpy()
+            chosen, weight = selection_counts(w)
+            self.select += chosen.cpu().numpy()
+            self.weight += weight.cpu().numpy()
 
     def metrics(self, source_names: Sequence[str], world: int, dist, device) -> dict[str, float]:
         keys = sorted(self.sums)
         vals = torch.tensor([self.sums[k] for k in keys] + [float(self.micro)] + list(self.select)
-                            + [float(self.sequences)], dtype=torch.float64, device=device)
+                            + list(self.weight) + [float(self.sequences)], dtype=torch.float64, device=device)
         if world > 1:
             dist.all_reduce(vals)
         vals = vals.cpu().numpy()
@@ -462,6 +494,7 @@ class _Window:
         seqs = max(vals[-1], 1.0)
         for i, name in enumerate(source_names[: self.K]):
             m[f"select.{name}"] = float(vals[len(keys) + 1 + i] / seqs)
+            m[f"weight.{name}"] = float(vals[len(keys) + 1 + self.K + i] / seqs)
         m["lr"] = self.lr
         m["step_time_s"] = self.seconds / max(self.steps, 1)
         m["tokens_per_s"] = self.tokens / self.seconds if self.seconds > 0 else 0.0

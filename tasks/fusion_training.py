@@ -1,6 +1,7 @@
 """Stage 4, fusion_training: DeepSpeed training of the target on lambda*CLM + (1-lambda)*KD."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -10,37 +11,144 @@ from prefect.cache_policies import NO_CACHE
 from fusion_core.data import read_documents
 from fusion_core.models import load_tokenizer
 from fusion_core.teacher import iter_fusion_examples, read_shards
-from fusion_core.training import train_target
+from fusion_core.training import TrainingResult, train_target
 from tasks.common import run_logger
 from tasks.stage import RunContext, StageResult, run_stage, stage_key
 from tasks.tracking import clean_metrics
 
 
+def _launch(fusion, train: Path, target: Path, teachers: list[Path], names: list[str], work: Path, log,
+            logger) -> TrainingResult:
+    """Train with `fusion.training.processes` ranks under torchrun (fusion_core.train_launch),
+    forwarding rank 0's logged steps to `log` while it runs; raises with the ranks' last output."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from fusion_core.workspace import write_json_atomic
+
+    n = fusion.training.processes
+    work.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(tempfile.mkdtemp(prefix="launch-", dir=work))
+    job = {"fusion": fusion.model_dump(mode="json"), "train": str(train), "target": str(target),
+           "teachers": [str(t) for t in teachers], "sources": names, "out_dir": str(work),
+           "history": str(run_dir / "history.jsonl"), "result": str(run_dir / "result.json")}
+    write_json_atomic(run_dir / "job.json", job)
+    threads = fusion.training.threads or max(1, (os.cpu_count() or 1) // n)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           "-m", "fusion_core.train_launch", str(run_dir / "job.json")]
+    logger.info(f"training with {n} processes ({threads} threads each): {' '.join(cmd)}")
+    output = run_dir / "ranks.log"
+    seen = 0
+    with output.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(work))
+
+        def forward() -> None:
+            nonlocal seen
+            history = run_dir / "history.jsonl"
+            if not history.is_file():
+                return
+            lines = history.read_text().splitlines()
+            for line in lines[seen:]:
+                if line.endswith("}"):
+                    entry = json.loads(line)
+                    log(entry["metrics"], entry["step"])
+                    seen += 1
+
+        while proc.poll() is None:
+            time.sleep(2)
+            forward()
+        forward()
+    if proc.returncode != 0:
+        tail = "\n".join(output.read_text().splitlines()[-25:])
+        raise RuntimeError(f"fusion training with {n} processes failed (exit {proc.returncode}); the ranks' last "
+                           f"output ({output}):\n{tail}")
+    r = json.loads((run_dir / "result.json").read_text())
+    return TrainingResult(model_dir=Path(r["model_dir"]), steps=r["steps"], tokens_seen=r["tokens_seen"],
+                          metrics=r["metrics"], wall_time_s=r["wall_time_s"],
+                          resumed_from_step=r["resumed_from_step"])
+
+
+def training_section(fusion) -> dict:
+    """The fusion config as it matters to the trained model: options of other strategies left out,
+    so that (say) tuning the adaptive selector does not invalidate a trained min_ce model."""
+    exclude = set()
+    if fusion.strategy not in ("adaptive", "reference"):
+        exclude.add("adaptive")
+    if fusion.strategy != "single":
+        exclude.add("single_source")
+    return fusion.model_dump(mode="json", exclude=exclude)
+
+
+def selector_usage_plot(history: list[tuple[int, dict[str, float]]], sources: list[str], path: Path, *,
+                        title: str) -> None:
+    """PNG of each source's selection share and mean weight over the logged training steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [s for s, _ in history]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
+    for name in sources:
+        top.plot(steps, [m.get(f"select.{name}", float("nan")) for _, m in history], label=name)
+        bottom.plot(steps, [m.get(f"weight.{name}", float("nan")) for _, m in history], label=name)
+    top.set_ylabel("share of sequences\nselecting the source")
+    bottom.set_ylabel("mean weight")
+    bottom.set_xlabel("optimizer step")
+    for ax in (top, bottom):
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    top.legend(loc="best", fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 @task(name="fusion_training", cache_policy=NO_CACHE, persist_result=False)
 def fusion_training(ctx: RunContext, data: StageResult, teacher: StageResult) -> StageResult:
     cfg = ctx.config
-    key = stage_key("fusion_training", cfg.fusion, teacher.key, ctx.target.key, [s.name for s in ctx.sources])
+    key = stage_key("fusion_training", training_section(cfg.fusion), teacher.key, ctx.target.key,
+                    [s.name for s in ctx.sources])
     logger = run_logger()
 
     def build(tmp: Path, meta: dict) -> dict[str, float]:
         import mlflow
 
-        docs = read_documents(data.path / "train.jsonl")
-        tgt_tok = load_tokenizer(ctx.target.path)
         uses_teachers = cfg.fusion.strategy != "clm"
-        teachers = [read_shards(teacher.path / s.name) for s in ctx.sources] if uses_teachers else []
-        examples = list(iter_fusion_examples(docs, tgt_tok, teachers))
+        examples = []
+        if cfg.fusion.training.processes == 1:  # else every rank reads them itself
+            teachers = [read_shards(teacher.path / s.name) for s in ctx.sources] if uses_teachers else []
+            examples = list(iter_fusion_examples(read_documents(data.path / "train.jsonl"),
+                                                 load_tokenizer(ctx.target.path), teachers))
         # Checkpoints live outside the stage's temporary folder so a killed run can resume.
         work = cfg.workspace.root / "work" / "fusion_training" / key
 
+        history: list[tuple[int, dict[str, float]]] = []
+
         def log(metrics: dict[str, float], step: int) -> None:
+            history.append((step, dict(metrics)))
             mlflow.log_metrics(clean_metrics(metrics), step=step)
             logger.info(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())
-                                                     if k in ("loss", "clm", "kd", "lr", "tokens_per_s")))
+                                                     if k in ("loss", "clm", "kd", "feedback", "selector_nll", "lr",
+                                                              "tokens_per_s") or k.startswith("weight.")))
 
-        result = train_target(ctx.target.path, examples, fusion=cfg.fusion, out_dir=work,
-                              source_names=[s.name for s in ctx.sources] if uses_teachers else [], log=log)
+        names = [s.name for s in ctx.sources] if uses_teachers else []
+        if cfg.fusion.training.processes > 1:
+            result = _launch(cfg.fusion, data.path / "train.jsonl", ctx.target.path,
+                             [teacher.path / n for n in names], names, work, log, logger)
+        else:
+            result = train_target(ctx.target.path, examples, fusion=cfg.fusion, out_dir=work, source_names=names,
+                                  log=log)
         shutil.copytree(result.model_dir, tmp / "model")
+        if names and history:
+            plot = tmp / "selector_usage.png"
+            selector_usage_plot(history, names, plot, title=f"{cfg.name}: {cfg.fusion.strategy}")
+            mlflow.log_artifact(str(plot), artifact_path="plots")
         meta["training"] = {"steps": result.steps, "tokens_seen": result.tokens_seen}
         return {**result.metrics, "steps": result.steps, "tokens_seen": result.tokens_seen,
                 "train_seconds": result.seconds}

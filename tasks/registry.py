@@ -44,8 +44,15 @@ def register_target(ctx: RunContext, training: StageResult, evaluation: StageRes
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     info = mlflow.transformers.log_model(transformers_model={"model": model, "tokenizer": tok}, name="model",
                                          task="text-generation", pip_requirements=PIP_REQUIREMENTS)
+    selector = model_dir / "fusion_strategy.safetensors"
+    if selector.is_file():  # the trained selection network travels with the registered model
+        client.log_model_artifact(info.model_id, str(selector), artifact_path="fusion")
     tags = {
         "strategy": cfg.fusion.strategy,
+        **({"single_source": cfg.fusion.single_source} if cfg.fusion.strategy == "single" else {}),
+        **({f"adaptive.{k}": str(v) for k, v in cfg.fusion.adaptive.model_dump(mode="json").items()}
+           if cfg.fusion.strategy in ("adaptive", "reference") else {}),
+        "seed": str(cfg.fusion.training.seed),
         "sources": ",".join(s.name for s in cfg.sources),
         "config_fingerprint": ctx.config_fingerprint,
         "training_key": training.key,

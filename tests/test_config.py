@@ -79,3 +79,17 @@ def test_schema_is_json_schema():
     assert result.exit_code == 0
     schema = json.loads(result.output)
     assert "sources" in schema["properties"] and schema["additionalProperties"] is False
+
+
+def test_set_overrides_apply_dotted_keys_and_name_bad_ones(tmp_path):
+    path = _write(tmp_path, _base(tmp_path))
+    cfg = load_config(path, overrides=["fusion.strategy=adaptive", "fusion.adaptive.hidden=[8, 4]",
+                                       "fusion.training.seed=3", "sources.0.dtype=float32"])
+    assert cfg.fusion.strategy == "adaptive" and cfg.fusion.adaptive.hidden == [8, 4]
+    assert cfg.fusion.training.seed == 3 and cfg.sources[0].dtype == "float32"
+    assert load_config(path).fusion.strategy != "adaptive"  # the file itself is untouched
+    with pytest.raises(ConfigError, match=r"\(--set\): 2 problem\(s\)\n  nonsense: an override is dotted.key=value\n"
+                                          r"  sources.7.dtype: does not name a place"):
+        load_config(path, overrides=["nonsense", "sources.7.dtype=float32"])
+    with pytest.raises(ConfigError, match=r"fusion.adaptive.tau: Input should be less than 1"):
+        load_config(path, overrides=["fusion.adaptive.tau=1.5"])

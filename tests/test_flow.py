@@ -166,3 +166,39 @@ def test_teacher_shards_run_in_worker_processes(tmp_path, tiny_models, prefect_h
     in_threads = run_pipeline(path, from_stage="teacher_inference")
     assert in_threads["stages"]["teacher_inference"]["key"] == in_processes["stages"]["teacher_inference"]["key"]
     assert shard_digests(in_threads) == digests
+
+
+@pytest.mark.slow
+def test_adaptive_training_in_two_processes_registers_its_selector(tmp_path, tiny_models, prefect_harness):
+    """fusion.training.processes 2: torchrun ranks train the adaptive strategy; the selector's
+    usage is logged as metrics and a plot, and the trained selector is in the registered model."""
+    from pathlib import Path
+
+    from mlflow import MlflowClient
+    from safetensors.torch import load_file
+
+    path = write_tiny_pipeline(tmp_path, tiny_models, **{
+        "fusion.strategy": "adaptive", "fusion.training.processes": 2, "fusion.training.threads": 1,
+        "fusion.training.micro_batch_size": 2})
+    summary = run_pipeline(path)
+    training = _run_of(summary, "fusion_training")
+    client = MlflowClient(tracking_uri=summary["tracking_uri"])
+    steps = [m.step for m in client.get_metric_history(training.info.run_id, "loss")]
+    # Every step logged by rank 0, forwarded while the ranks ran; then the stage's summary (step 0).
+    assert steps == [1, 2, 3, 4, 0]
+    for source in ("bytes", "words"):
+        assert 0.0 <= training.data.metrics[f"select.{source}"] <= 1.0
+        assert f"weight.{source}" in training.data.metrics
+    assert training.data.metrics["feedback"] >= 0 and "selector_nll" in training.data.metrics
+    assert [a.path for a in client.list_artifacts(training.info.run_id, "plots")] == ["plots/selector_usage.png"]
+    identity = json.loads(next((tmp_path / "workspace" / "work" / "fusion_training").glob(
+        "*/checkpoints/identity.json")).read_text())
+    assert identity["world_size"] == 2 and identity["strategy"] == "adaptive"
+
+    version = client.get_model_version(summary["registered_model"], summary["version"])
+    assert version.tags["strategy"] == "adaptive" and version.tags["adaptive.objective"] == "likelihood"
+    model_id = version.source.removeprefix("models:/")  # the logged model behind the version
+    files = [a.path for a in client.list_logged_model_artifacts(model_id, "fusion")]
+    assert files == ["fusion/fusion_strategy.safetensors"]
+    saved = load_file(Path(summary["stages"]["fusion_training"]["path"]) / "model" / "fusion_strategy.safetensors")
+    assert "selector.0.weight" in saved

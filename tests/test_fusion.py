@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from fusion_core.fusion import (
-    IGNORE_INDEX, STRATEGIES, FusionExample, FusionModel, clm_loss, collate, fusion_loss, get_strategy,
-    selection_counts, sparse_kd_loss, strategy_from_config,
+    IGNORE_INDEX, STRATEGIES, AdaptiveStrategy, FusionExample, FusionModel, ReferenceStrategy, clm_loss, collate,
+    fusion_loss, get_strategy, selection_counts, sparse_kd_loss, strategy_from_config,
 )
 
 
@@ -169,7 +169,7 @@ def test_example_validates_shapes():
 
 
 def test_strategies_registry_and_weights():
-    assert {"min_ce", "avg_ce", "single", "clm"} <= set(STRATEGIES)
+    assert set(STRATEGIES) == {"adaptive", "min_ce", "avg_ce", "single", "clm", "reference"}
     with pytest.raises(ValueError, match="known: .*avg_ce.*min_ce"):
         get_strategy("nope")
     ce = torch.tensor([[2.0, 0.5, 1.0], [0.1, 3.0, float("nan")], [1.0, 1.0, 2.0]])
@@ -184,7 +184,8 @@ def test_strategies_registry_and_weights():
     assert get_strategy("single", source_index=2).source_weights(batch).tolist() == [[0, 0, 1]] * 3
     with pytest.raises(ValueError, match="out of range"):
         get_strategy("single", source_index=3).source_weights(batch)
-    assert selection_counts(torch.tensor([[0.2, 0.8], [0.9, 0.1], [0.3, 0.7]])).tolist() == [1, 2]
+    chosen, weight = selection_counts(torch.tensor([[0.0, 1.0], [0.9, 0.1], [0.0, 1.0]]))
+    assert chosen.tolist() == [1, 3] and weight.tolist() == pytest.approx([0.9, 2.1])
 
 
 def test_strategy_from_config_resolves_single_source():
@@ -249,3 +250,121 @@ def test_sequence_without_labels_contributes_nothing_and_is_finite():
     assert out["loss"].item() == 0.0
     out["loss"].backward()
     assert torch.isfinite(logits.grad).all()
+
+
+# ---------------------------------------------------------------- the adaptive selector
+
+def _adaptive_batch(seed=3, K=3, n=8, B=4, V=20):
+    rng = np.random.default_rng(seed)
+    return collate([random_example(rng, n, K, 4, V, unaligned_frac=0.2) for _ in range(B)], pad_id=0)
+
+
+def test_adaptive_weights_follow_the_threshold_and_sum_to_one():
+    batch = _adaptive_batch()
+    strat = AdaptiveStrategy(3, tau=0.3, seed=1)
+    g = strat.gate(strat.scores_of(batch), strat.selector)
+    w = strat.source_weights(batch)
+    assert w.shape == (4, 3) and torch.allclose(w.sum(1), torch.ones(4), atol=1e-6)
+    keep = g > 0.3
+    keep[~keep.any(1)] = torch.nn.functional.one_hot(g[~keep.any(1)].argmax(1), 3).bool()
+    assert torch.equal(w > 0, keep)  # exactly the sources above tau (the best one when none is)
+    assert torch.allclose(w, g * keep / (g * keep).sum(1, keepdim=True), atol=1e-6)
+    per_token = AdaptiveStrategy(3, scores="token", seed=1).source_weights(batch)
+    assert per_token.shape == (4, 3, batch["labels"].shape[1])
+    with pytest.raises(ValueError, match=r"tau must lie in \(0, 1\)"):
+        AdaptiveStrategy(3, tau=1.0)
+
+
+@pytest.mark.parametrize("scores", ["sequence", "token"])
+def test_gradients_reach_the_selector_from_kd_and_feedback(scores):
+    batch = _adaptive_batch()
+    logits = torch.randn(*batch["input_ids"].shape, 20, requires_grad=True)  # the student's
+
+    def selector_grad(**kw):
+        strat = AdaptiveStrategy(3, tau=0.05, scores=scores, seed=0, **kw)
+        out = fusion_loss(logits, batch, strat, clm_weight=0.5)
+        strat.zero_grad()
+        out["loss"].backward()
+        return torch.cat([p.grad.ravel() for p in strat.parameters() if p.grad is not None] or [torch.zeros(1)])
+
+    # The paper's objective: L_KD alone moves the selector; so does the feedback term alone.
+    assert selector_grad(objective="kd", feedback_weight=0.0).abs().max() > 0
+    fb_only = AdaptiveStrategy(3, tau=0.05, scores=scores, seed=0, objective="kd", feedback_weight=1.0)
+    out = fusion_loss(logits, batch, fb_only, clm_weight=0.5)
+    out["feedback"].backward()
+    assert torch.cat([p.grad.ravel() for p in fb_only.parameters()]).abs().max() > 0
+    # The likelihood objective: L_KD's gradient is kept from the weights; selector_nll alone trains them.
+    strat = AdaptiveStrategy(3, tau=0.05, scores=scores, seed=0, objective="likelihood", feedback_weight=0.0)
+    out = fusion_loss(logits, batch, strat, clm_weight=0.5)
+    out["selector_nll"].backward(retain_graph=True)
+    nll_only = torch.cat([p.grad.ravel().clone() for p in strat.parameters()])
+    strat.zero_grad()
+    out["loss"].backward()
+    assert nll_only.abs().max() > 0
+    assert torch.equal(torch.cat([p.grad.ravel() for p in strat.parameters()]), nll_only)
+
+
+def test_selector_state_round_trips_through_a_state_dict():
+    batch = _adaptive_batch()
+    trained = AdaptiveStrategy(3, seed=0)
+    with torch.no_grad():
+        for p_ in trained.parameters():
+            p_.add_(torch.randn_like(p_))
+    fresh = AdaptiveStrategy(3, seed=7)
+    assert not torch.allclose(fresh.source_weights(batch), trained.source_weights(batch))
+    fresh.load_state_dict(trained.state_dict())
+    assert torch.equal(fresh.source_weights(batch), trained.source_weights(batch))
+
+
+def test_reference_strategy_draws_a_fresh_random_gate_every_call():
+    batch = _adaptive_batch()
+    ref = ReferenceStrategy(3, tau=0.05, seed=0)
+    assert list(ref.parameters()) == []          # nothing to train, nothing to save
+    assert not torch.allclose(ref.source_weights(batch), ref.source_weights(batch))
+
+
+def _train_selector(feedback_weight: float, steps: int = 150) -> torch.Tensor:
+    """Train only the selector (likelihood objective) where source 0 is slightly better everywhere;
+    returns the share of sequences selecting each source at the end."""
+    torch.manual_seed(0)
+    B, K, L = 64, 2, 6
+    labels = torch.randint(0, 10, (B, L))
+    labels[:, -1] = IGNORE_INDEX
+    ids = torch.stack([labels.clamp_min(0), (labels.clamp_min(0) + 1) % 10], -1)         # [B,L,2]
+    p_true = torch.stack([torch.full((B, L), 0.60), torch.full((B, L), 0.55)], 1)         # [B,K,L]
+    p_true = p_true + 0.05 * torch.rand(B, K, L)
+    lp = torch.stack([p_true.log(), (1 - p_true).log()], -1)                             # [B,K,L,2]
+    batch = {"teacher_ids": ids[:, None].expand(B, K, L, 2).contiguous(), "teacher_logprobs": lp,
+             "teacher_aligned": torch.ones(B, K, L, dtype=torch.bool), "labels": labels,
+             "seq_ce": torch.stack([torch.full((B,), 0.50), torch.full((B,), 0.60)], 1) + 0.1 * torch.rand(B, K)}
+    strat = AdaptiveStrategy(K, tau=0.15, feedback_weight=feedback_weight, objective="likelihood", seed=0)
+    opt = torch.optim.Adam(strat.parameters(), lr=0.05)
+    for _ in range(steps):
+        w = strat.source_weights(batch)
+        loss = sum(strat.aux_losses(batch, w).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return selection_counts(strat.source_weights(batch))[0] / B
+
+
+def test_feedback_loss_balances_selector_usage():
+    without = _train_selector(0.0)
+    with_fb = _train_selector(2.0)
+    # Without feedback the selector drops the slightly worse source; with it both stay in use.
+    assert without.tolist() == [1.0, 0.0]
+    assert with_fb.min() > without.min() and with_fb.tolist() == [1.0, 1.0]
+
+
+def test_sparse_cross_entropy_gradients_match_finite_differences():
+    from fusion_core.fusion import sparse_cross_entropy
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 7, (2, 3, 4))
+    ids[0, 0, 1] = ids[0, 0, 0]                        # a duplicate entry
+    probs = torch.rand(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda z, p: sparse_cross_entropy(z, ids, p)[0], (logits, probs))
+    total, neg_logp = sparse_cross_entropy(logits, ids, probs)
+    want = -torch.log_softmax(logits, -1).gather(-1, ids)
+    assert torch.allclose(neg_logp, want) and torch.allclose(total, (probs * want).sum())

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from fusion_core.config import FusionConfig, TrainingConfig
-from fusion_core.fusion import FusionExample, collate
+from fusion_core.fusion import AdaptiveStrategy, FusionExample, collate
 from fusion_core.training import (
     DataOrder, deepspeed_config, lr_factor, micro_batch_position, resolve_precision, train_target,
 )
@@ -51,9 +51,14 @@ def test_deepspeed_config_blocks():
     assert off["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
     with pytest.raises(ValueError, match="offload_optimizer"):
         deepspeed_config(TrainingConfig(zero_stage=0, offload_optimizer=True), precision="fp32")
+    assert resolve_precision("fp32") == "fp32"
     if not torch.cuda.is_available():
         assert resolve_precision("auto") == "fp32"
-    assert resolve_precision("bf16") == "bf16"
+        # bf16 without a GPU that has it is refused before training, naming the field.
+        with pytest.raises(ValueError, match=r"fusion.training.precision 'bf16' needs a CUDA GPU"):
+            resolve_precision("bf16")
+    elif torch.cuda.is_bf16_supported():
+        assert resolve_precision("bf16") == resolve_precision("auto") == "bf16"
 
 
 # ---------------------------------------------------------------- DeepSpeed runs
@@ -107,8 +112,9 @@ def test_zero2_training_reduces_loss_and_writes_hf_folder(tiny_models, tiny_corp
     losses = [m["loss"] for _, m in logged]
     assert losses[-1] < losses[0] - 0.1
     m = logged[0][1]
-    assert {"loss", "clm", "kd", "lr", "tokens_per_s", "select.s1", "select.s2"} <= set(m)
-    assert m["select.s1"] + m["select.s2"] == pytest.approx(1.0)
+    assert {"loss", "clm", "kd", "lr", "tokens_per_s", "select.s1", "select.s2", "weight.s1", "weight.s2"} <= set(m)
+    assert m["select.s1"] == m["select.s2"] == 1.0            # avg_ce fuses every source into every sequence
+    assert m["weight.s1"] + m["weight.s2"] == pytest.approx(1.0)
     assert logged[-1][1]["lr"] == pytest.approx(1e-2 * 0.1)             # cosine down to min_lr_ratio
     assert res.metrics == logged[-1][1]
     # a normal HF folder: safetensors weights + the target's tokenizer
@@ -120,10 +126,11 @@ def test_zero2_training_reduces_loss_and_writes_hf_folder(tiny_models, tiny_corp
     assert batch_loss(res.model_dir, examples) < batch_loss(src, examples) - 0.1
 
 
-def test_resume_after_interruption_equals_uninterrupted_run(tiny_models, tiny_corpus, tmp_path):
+@pytest.mark.parametrize("strategy", ["min_ce", "adaptive"])
+def test_resume_after_interruption_equals_uninterrupted_run(tiny_models, tiny_corpus, tmp_path, strategy):
     src = tiny_models["metaspace"]
     examples = make_examples(src, tiny_corpus[:5], K=2, seed=1)   # 5 examples: epochs wrap inside a step
-    cfg = fusion_cfg("min_ce", steps=4, micro_batch_size=2, gradient_accumulation=2, checkpoint_every=2)
+    cfg = fusion_cfg(strategy, steps=4, micro_batch_size=2, gradient_accumulation=2, checkpoint_every=2)
     full = train_target(src, examples, fusion=cfg, out_dir=tmp_path / "full", source_names=["a", "b"])
     assert full.resumed_from_step is None
 
@@ -147,6 +154,13 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny_models, tiny_co
     assert sorted(a) == sorted(b)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     assert resumed.metrics["loss"] == pytest.approx(full.metrics["loss"], abs=1e-6)
+    if strategy == "adaptive":  # the trained selector is saved with the model and resumes with it
+        sa = load_file(full.model_dir / "fusion_strategy.safetensors")
+        sb = load_file(resumed.model_dir / "fusion_strategy.safetensors")
+        init = AdaptiveStrategy(2, seed=cfg.training.seed).state_dict()
+        assert sorted(sa) == sorted(sb) == sorted(init) and "selector.0.weight" in sa
+        assert max((sa[k] - sb[k]).abs().max().item() for k in sa) < 1e-6
+        assert max((sa[k] - init[k]).abs().max().item() for k in sa) > 1e-4  # it was trained
 
     # A finished run resumes at its end and only re-exports the model.
     again = train_target(src, examples, fusion=cfg, out_dir=tmp_path / "killed", source_names=["a", "b"])
@@ -154,9 +168,15 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny_models, tiny_co
     c = load_file(again.model_dir / "model.safetensors")
     assert max((a[k] - c[k]).abs().max().item() for k in a) < 1e-6
     # Different batching cannot silently continue from these checkpoints.
-    other = fusion_cfg("min_ce", steps=4, micro_batch_size=1, gradient_accumulation=2, checkpoint_every=2)
-    with pytest.raises(ValueError, match="other data or batching"):
+    other = fusion_cfg(strategy, steps=4, micro_batch_size=1, gradient_accumulation=2, checkpoint_every=2)
+    with pytest.raises(ValueError, match=r"other data, batching or strategy \(saved, now\): "
+                                         r"\{'micro_batch_size': \(2, 1\)\}"):
         train_target(src, examples, fusion=other, out_dir=tmp_path / "killed", source_names=["a", "b"])
+    # Nor can another strategy.
+    switched = fusion_cfg("avg_ce" if strategy == "adaptive" else "adaptive", steps=4, micro_batch_size=2,
+                          gradient_accumulation=2, checkpoint_every=2)
+    with pytest.raises(ValueError, match=r"other data, batching or strategy .*'strategy': \('" + strategy):
+        train_target(src, examples, fusion=switched, out_dir=tmp_path / "killed", source_names=["a", "b"])
 
 
 def test_zero3_clm_without_teachers_gathers_weights(tiny_models, tiny_corpus, tmp_path):
