@@ -200,3 +200,28 @@ def test_inconsistent_inputs_are_rejected(tiny_models, tiny_corpus, tmp_path):
         train_target(src, examples, fusion=fusion_cfg(), out_dir=tmp_path, source_names=["a", "b", "c"])
     with pytest.raises(ValueError, match="no training examples"):
         train_target(src, [], fusion=fusion_cfg(), out_dir=tmp_path, source_names=["a", "b"])
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_models, tiny_corpus, tmp_path, monkeypatch):
+    from fusion_core.fusion import AvgCEStrategy
+    from fusion_core.training import TrainingDiverged
+
+    src = tiny_models["byte_level"]
+    examples = make_examples(src, tiny_corpus[:4])
+    real = AvgCEStrategy.source_weights
+    calls = []
+
+    def nan_from_the_third_step(self, batch):
+        calls.append(1)
+        w = real(self, batch)
+        return w * float("nan") if len(calls) >= 3 else w
+
+    monkeypatch.setattr(AvgCEStrategy, "source_weights", nan_from_the_third_step)
+    with pytest.raises(TrainingDiverged, match=r"step 3 \(micro-batch 1\): the loss is not finite \(.*kd nan.*\); "
+                                               r"training stopped before applying it; the last good checkpoint, "
+                                               r"step 2, is kept in .*checkpoints"):
+        train_target(src, examples, fusion=fusion_cfg(steps=4, checkpoint_every=2), out_dir=tmp_path / "run",
+                     source_names=["s1", "s2"])
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "step2" and not (tmp_path / "run" / "model").exists()
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step2"]
