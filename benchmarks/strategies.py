@@ -9,7 +9,8 @@ run if needed), each run trains and evaluates its own target and registers it as
 the config's registered model (`fusion compare CONFIG` lists them all). A run already complete
 is reused by the pipeline, so an interrupted sweep goes on where it stopped.
 
-Variants: a strategy name; `single:<source>`; `adaptive:<objective>` (likelihood or kd). Prints,
+Variants: a strategy name; `single:<source>`; `adaptive:<objective>` (likelihood or kd); any of
+them followed by `+key=value` config overrides (`adaptive+fusion.adaptive.learning_rate=0.01`). Prints,
 per variant, the mean over seeds (and min-max when there are several) of held-out bits per byte
 per domain and overall (lower is better) and of each bundled task's acc_norm / exact match
 (higher is better), then the variants ranked by overall held-out bits per byte.
@@ -28,8 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def overrides(variant: str, seed: int) -> list[str]:
-    name, _, option = variant.partition(":")
-    out = [f"fusion.strategy={name}", f"fusion.training.seed={seed}"]
+    head, *extra = variant.split("+")
+    name, _, option = head.partition(":")
+    out = [f"fusion.strategy={name}", f"fusion.training.seed={seed}", *extra]
     if name == "single":
         if not option:
             raise SystemExit("single needs a source: single:<source name>")

@@ -254,6 +254,9 @@ class AdaptiveConfig(Section):
                                   "token ('likelihood'), or L_KD as in the paper ('kd'); plus beta * feedback")
     scores: Literal["sequence", "token"] = Field(
         "sequence", description="selector input: per-sequence scores exp(-CE), or per position")
+    learning_rate: float | None = Field(
+        None, gt=0, description="peak learning rate of the selection network, without weight decay (default: the "
+                                "student's, with its weight decay); the training schedule scales it too")
 
 
 class FusionConfig(Section):

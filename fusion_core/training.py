@@ -219,11 +219,18 @@ def deepspeed_config(training, *, precision: str) -> dict:
     return cfg
 
 
-def _make_optimizer(module: torch.nn.Module, training) -> torch.optim.Optimizer:
-    decay = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": float(training.weight_decay)},
-              {"params": no_decay, "weight_decay": 0.0}]
+def _make_optimizer(module: torch.nn.Module, training, selector_lr: float | None = None) -> torch.optim.Optimizer:
+    """AdamW over the module's parameters: weight decay on matrices only. With selector_lr, the
+    strategy's own parameters (the selection network) form a group of their own at that peak
+    learning rate without weight decay (the same schedule scales every group)."""
+    own = {id(p) for p in module.strategy.parameters()} if selector_lr is not None and hasattr(module, "strategy") \
+        else set()
+    rest = [p for p in module.parameters() if p.requires_grad and id(p) not in own]
+    groups = [{"params": [p for p in rest if p.ndim >= 2], "weight_decay": float(training.weight_decay)},
+              {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0}]
+    if own:
+        groups.append({"params": [p for p in module.strategy.parameters() if p.requires_grad],
+                       "weight_decay": 0.0, "lr": float(selector_lr)})
     groups = [g for g in groups if g["params"]]
     kwargs = dict(lr=float(training.learning_rate), betas=tuple(training.betas))
     if training.offload_optimizer and torch.cuda.is_available():
@@ -331,7 +338,8 @@ def train_target(model_dir: Path, examples: Sequence[FusionExample], *, fusion, 
                            if x is not None), 0)
             model = FusionModel(student, strategy, clm_weight=fusion.clm_weight, temperature=fusion.temperature)
             model.train()
-            optimizer = _make_optimizer(model, training)
+            selector_lr = fusion.adaptive.learning_rate if fusion.strategy == "adaptive" else None
+            optimizer = _make_optimizer(model, training, selector_lr)
             total = int(training.steps)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
                 s, total_steps=total, warmup_steps=training.warmup_steps, min_lr_ratio=training.min_lr_ratio))

@@ -225,3 +225,18 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_models, tiny_cor
     ckpt = tmp_path / "run" / "checkpoints"
     assert (ckpt / "latest").read_text().strip() == "step2" and not (tmp_path / "run" / "model").exists()
     assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step2"]
+
+
+def test_selector_learning_rate_is_a_group_of_its_own():
+    from fusion_core.fusion import FusionModel
+    from fusion_core.training import _make_optimizer
+
+    model = FusionModel(torch.nn.Linear(3, 3), AdaptiveStrategy(3), clm_weight=0.5, temperature=1.0)
+    training = TrainingConfig(learning_rate=1e-3, weight_decay=0.1)
+    groups = _make_optimizer(model, training, selector_lr=1e-2).param_groups
+    assert [(len(g["params"]), g["lr"], g["weight_decay"]) for g in groups] == [
+        (1, 1e-3, 0.1), (1, 1e-3, 0.0), (6, 1e-2, 0.0)]
+    assert {id(p) for p in groups[2]["params"]} == {id(p) for p in model.strategy.parameters()}
+    # Without it the selector trains with the student's learning rate and weight decay.
+    groups = _make_optimizer(model, training).param_groups
+    assert [(len(g["params"]), g["lr"], g["weight_decay"]) for g in groups] == [(4, 1e-3, 0.1), (4, 1e-3, 0.0)]
