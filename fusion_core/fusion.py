@@ -410,7 +410,8 @@ class AdaptiveStrategy(FusionStrategy):
 class ReferenceStrategy(AdaptiveStrategy):
     """The public reference code's behaviour, kept only to measure against: the selection MLP is
     created afresh, randomly initialised, at every loss computation, so it is never trained
-    (its feedback term is computed and logged but reaches no parameter)."""
+    (its feedback term is computed and logged but reaches no parameter). Its stream of random
+    gates is seeded from training.seed and restarts with a resumed run."""
 
     name = "reference"
 
