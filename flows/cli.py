@@ -140,8 +140,11 @@ class Format(str, Enum):
 def compare(config: Optional[Path] = typer.Argument(None, help="pipeline YAML (for its tracking URI and model name)"),
             model: Optional[str] = typer.Option(None, "--model", help="registered model name"),
             tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri"),
-            fmt: Format = typer.Option(Format.table, "--format")) -> None:
-    """List registered model versions with their key metrics."""
+            fmt: Format = typer.Option(Format.table, "--format"),
+            metric: Optional[list[str]] = typer.Option(
+                None, "--metric", help="columns: metrics containing this text (repeatable); default: held-out "
+                                       "bits per byte per domain, acc_norm and strict exact match")) -> None:
+    """List registered model versions side by side (one row each) with their key metrics."""
     from flows.env import apply_defaults
 
     if config is None:
@@ -163,7 +166,7 @@ def compare(config: Optional[Path] = typer.Argument(None, help="pipeline YAML (f
         return
     from flows.compare import render_table
 
-    render_table(rows)
+    render_table(rows, metric)
 
 
 def main() -> None:

@@ -202,3 +202,8 @@ def test_adaptive_training_in_two_processes_registers_its_selector(tmp_path, tin
     assert files == ["fusion/fusion_strategy.safetensors"]
     saved = load_file(Path(summary["stages"]["fusion_training"]["path"]) / "model" / "fusion_strategy.safetensors")
     assert "selector.0.weight" in saved
+
+    table = CliRunner().invoke(app, ["compare", str(path)])
+    assert table.exit_code == 0, table.output
+    row = next(line for line in table.output.splitlines() if "v1" in line)
+    assert "candidate" in row and "adaptive:likelihood" in row and " all bpb" in table.output
