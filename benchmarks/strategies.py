@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from flows.compare import HEADLINE, short_name  # noqa: E402
 
 
 def overrides(variant: str, seed: int) -> list[str]:
@@ -44,12 +47,9 @@ def overrides(variant: str, seed: int) -> list[str]:
 
 
 def headline(metrics: dict[str, float]) -> dict[str, float]:
-    out = {k.removeprefix("ppl.").replace(".bits_per_byte", " bpb"): v for k, v in metrics.items()
-           if k.startswith("ppl.") and k.endswith(".bits_per_byte")}
-    for k, v in metrics.items():
-        if k.startswith("eval.") and (k.endswith(".acc_norm") or k.endswith(".exact_match.strict-match")):
-            out[k.removeprefix("eval.").replace(".exact_match.strict-match", " em").replace(".acc_norm", " acc_n")] = v
-    return out
+    """The metrics `fusion compare` shows by default, under its short names."""
+    return {short_name(k): v for k, v in metrics.items()
+            if k.startswith(("ppl.", "eval.")) and k.endswith(HEADLINE)}
 
 
 def main() -> None:

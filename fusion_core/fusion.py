@@ -272,6 +272,19 @@ class CLMStrategy(FusionStrategy):
         return batch["seq_ce"].new_zeros((batch["seq_ce"].shape[0], 0))
 
 
+def _teacher_q(teacher_logprobs: torch.Tensor, temperature: float, dtype: torch.dtype
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each source's stored distribution: (valid [B,K,L,k] entries, has [B,K,L] any valid entry,
+    Q = softmax(logprobs / T) renormalised over the valid entries, 0 elsewhere and on rows without
+    signal), in `dtype`."""
+    valid = torch.isfinite(teacher_logprobs)
+    has = valid.any(dim=-1)
+    scaled = torch.where(valid, teacher_logprobs.to(dtype) / temperature,
+                         torch.full((), -math.inf, dtype=dtype, device=teacher_logprobs.device))
+    q = torch.softmax(torch.where(has.unsqueeze(-1), scaled, torch.zeros_like(scaled)), dim=-1)
+    return valid, has, torch.where(valid, q, torch.zeros_like(q))
+
+
 def teacher_label_probs(batch: Mapping[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
     """Q_k[b,t,label_t]: each source's probability of the true next target token, [B,K,L].
 
@@ -279,12 +292,8 @@ def teacher_label_probs(batch: Mapping[str, torch.Tensor], temperature: float = 
     where the label is not among them, and at padding. At a position with no teacher signal the
     stored one-hot of the label gives 1.
     """
-    ids, lp, labels = batch["teacher_ids"], batch["teacher_logprobs"], batch["labels"]
-    valid = torch.isfinite(lp)
-    scaled = torch.where(valid, lp.float() / temperature, torch.full((), -math.inf, device=lp.device))
-    has = valid.any(-1, keepdim=True)
-    q = torch.softmax(torch.where(has, scaled, torch.zeros_like(scaled)), dim=-1)
-    q = torch.where(valid, q, torch.zeros_like(q))
+    ids, labels = batch["teacher_ids"], batch["labels"]
+    _, _, q = _teacher_q(batch["teacher_logprobs"], temperature, torch.float32)
     hit = ids == labels.clamp_min(0)[:, None, :, None]
     return (q * hit).sum(-1) * (labels != IGNORE_INDEX)[:, None, :]
 
@@ -331,11 +340,14 @@ class AdaptiveStrategy(FusionStrategy):
     name = "adaptive"
     EPS = 1e-8
 
+    FIXED: ClassVar[dict[str, str]] = {}  # options a subclass does not take from the config
+
     @classmethod
     def from_config(cls, fusion, source_names):
         a = fusion.adaptive
+        options = {"objective": a.objective, "scores": a.scores, **cls.FIXED}
         return cls(len(source_names), tau=a.tau, hidden=a.hidden, feedback_weight=a.feedback_weight,
-                   objective=a.objective, scores=a.scores, temperature=fusion.temperature, seed=fusion.training.seed)
+                   temperature=fusion.temperature, seed=fusion.training.seed, **options)
 
     def __init__(self, num_sources: int, *, tau: float = 0.15, hidden: Sequence[int] | None = None,
                  feedback_weight: float = 0.5, objective: str = "likelihood", scores: str = "sequence",
@@ -414,12 +426,7 @@ class ReferenceStrategy(AdaptiveStrategy):
     gates is seeded from training.seed and restarts with a resumed run."""
 
     name = "reference"
-
-    @classmethod
-    def from_config(cls, fusion, source_names):
-        a = fusion.adaptive
-        return cls(len(source_names), tau=a.tau, hidden=a.hidden, feedback_weight=a.feedback_weight,
-                   objective="kd", scores="sequence", temperature=fusion.temperature, seed=fusion.training.seed)
+    FIXED = {"objective": "kd", "scores": "sequence"}
 
     def __init__(self, num_sources: int, **kwargs):
         super().__init__(num_sources, **kwargs)
@@ -513,18 +520,13 @@ def _teacher_entries(teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor, 
     """The fused teacher distribution P as entries: ids [B,L,K*k+K] and probabilities w_k Q_k[j]
     (+ w_k on the label for a source without signal at the position), 0 at unlabelled positions."""
     B, K, L, k = teacher_ids.shape
-    valid = torch.isfinite(teacher_logprobs)                                   # [B,K,L,k]
-    has = valid.any(dim=-1)                                                    # [B,K,L]
+    cd = torch.promote_types(weights.dtype, torch.float32)
+    valid, has, q = _teacher_q(teacher_logprobs, temperature, cd)              # [B,K,L,k], [B,K,L], [B,K,L,k]
     ids = torch.where(valid, teacher_ids, torch.zeros_like(teacher_ids))
     if bool(valid.any()):
         lo, hi = int(ids[valid].min()), int(ids[valid].max())
         if lo < 0 or hi >= V:
             raise ValueError(f"teacher ids must lie in the student vocabulary [0, {V}); got [{lo}, {hi}]")
-    cd = torch.promote_types(weights.dtype, torch.float32)
-    scaled = torch.where(valid, teacher_logprobs.to(cd) / temperature,
-                         torch.full((), -math.inf, dtype=cd, device=teacher_logprobs.device))
-    q = torch.softmax(torch.where(has.unsqueeze(-1), scaled, torch.zeros_like(scaled)), dim=-1)
-    q = torch.where(valid, q, torch.zeros_like(q))                             # rows without signal: all 0
     w = weights.to(cd)
     w = w.unsqueeze(-1) if w.ndim == 2 else w                                  # [B,K,1] or [B,K,L]
     labelled = (labels != IGNORE_INDEX)
@@ -582,7 +584,7 @@ def fusion_loss(student_logits: torch.Tensor, batch: Mapping[str, torch.Tensor],
     label_ids = labels.clamp_min(0).unsqueeze(-1)
     label_probs = labelled.unsqueeze(-1).float()
     if not strategy.uses_teachers:
-        clm = sparse_cross_entropy(student_logits, label_ids, label_probs)[0] / n
+        clm = clm_loss(student_logits, labels)
         return {"clm": clm.detach(), "loss": clm,
                 "weights": labels.new_zeros((labels.shape[0], 0), dtype=torch.float32)}
     weights = strategy.source_weights(batch)

@@ -637,6 +637,16 @@ def run_teacher(model, src_tokenizer, tgt_tokenizer, docs: Sequence[Document], a
     return aggregate_stats(parts, time.perf_counter() - start)
 
 
+def load_fusion_examples(train: Path, target: Path, teacher_folders: Sequence[Path]) -> list:
+    """The training examples from the stage files: the documents (train.jsonl), the target's
+    tokenizer folder and one teacher shard folder per source, in source order (none: plain CLM)."""
+    from fusion_core.data import read_documents
+    from fusion_core.models import load_tokenizer
+
+    teachers = [read_shards(Path(f)) for f in teacher_folders]
+    return list(iter_fusion_examples(read_documents(Path(train)), load_tokenizer(Path(target)), teachers))
+
+
 def iter_fusion_examples(docs: Sequence[Document], tgt_tokenizer,
                          teachers: Sequence[dict[str, TeacherRecord]]) -> Iterator:
     """FusionExample per document: target ids plus every source's record, stacked [K, ...]."""

@@ -20,17 +20,13 @@ from pathlib import Path
 
 def main(job_path: str) -> None:
     from fusion_core.config import FusionConfig
-    from fusion_core.data import read_documents
-    from fusion_core.models import load_tokenizer
-    from fusion_core.teacher import iter_fusion_examples, read_shards
+    from fusion_core.teacher import load_fusion_examples
     from fusion_core.training import train_target
     from fusion_core.workspace import write_json_atomic
 
     job = json.loads(Path(job_path).read_text())
     fusion = FusionConfig.model_validate(job["fusion"])
-    docs = read_documents(Path(job["train"]))
-    teachers = [read_shards(Path(p)) for p in job["teachers"]]
-    examples = list(iter_fusion_examples(docs, load_tokenizer(Path(job["target"])), teachers))
+    examples = load_fusion_examples(Path(job["train"]), Path(job["target"]), [Path(p) for p in job["teachers"]])
     rank0 = os.environ.get("RANK", "0") == "0"
     history = Path(job["history"])
 

@@ -8,9 +8,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from fusion_core.data import read_documents
-from fusion_core.models import load_tokenizer
-from fusion_core.teacher import iter_fusion_examples, read_shards
+from fusion_core.teacher import load_fusion_examples
 from fusion_core.training import TrainingResult, train_target
 from tasks.common import run_logger
 from tasks.stage import RunContext, StageResult, run_stage, stage_key
@@ -120,11 +118,11 @@ def fusion_training(ctx: RunContext, data: StageResult, teacher: StageResult) ->
         import mlflow
 
         uses_teachers = cfg.fusion.strategy != "clm"
+        names = [s.name for s in ctx.sources] if uses_teachers else []
+        teacher_folders = [teacher.path / n for n in names]
         examples = []
         if cfg.fusion.training.processes == 1:  # else every rank reads them itself
-            teachers = [read_shards(teacher.path / s.name) for s in ctx.sources] if uses_teachers else []
-            examples = list(iter_fusion_examples(read_documents(data.path / "train.jsonl"),
-                                                 load_tokenizer(ctx.target.path), teachers))
+            examples = load_fusion_examples(data.path / "train.jsonl", ctx.target.path, teacher_folders)
         # Checkpoints live outside the stage's temporary folder so a killed run can resume.
         work = cfg.workspace.root / "work" / "fusion_training" / key
 
@@ -137,10 +135,9 @@ def fusion_training(ctx: RunContext, data: StageResult, teacher: StageResult) ->
                                                      if k in ("loss", "clm", "kd", "feedback", "selector_nll", "lr",
                                                               "tokens_per_s") or k.startswith("weight.")))
 
-        names = [s.name for s in ctx.sources] if uses_teachers else []
         if cfg.fusion.training.processes > 1:
-            result = _launch(cfg.fusion, data.path / "train.jsonl", ctx.target.path,
-                             [teacher.path / n for n in names], names, work, log, logger)
+            result = _launch(cfg.fusion, data.path / "train.jsonl", ctx.target.path, teacher_folders, names, work,
+                             log, logger)
         else:
             result = train_target(ctx.target.path, examples, fusion=cfg.fusion, out_dir=work, source_names=names,
                                   log=log)
