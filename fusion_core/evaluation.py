@@ -1,4 +1,5 @@
-"""The evaluation stage's core: lm-eval tasks and held-out perplexity per domain.
+"""The evaluation primitives: lm-eval tasks and held-out perplexity per domain (evaluation_suite
+runs them per unit for a model).
 
 Pure library (no Prefect, no MLflow): it returns plain dicts and MLflow-safe metric names, and
 the task layer logs them. Every model is scored as every other stage sees text: the model's
@@ -11,16 +12,14 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from fusion_core.eval_tasks import BUNDLED_TAG, BUNDLED_TASKS, materialize_tasks
 
 __all__ = [
-    "BUNDLED_TAG", "BUNDLED_TASKS", "EvaluationResult", "LmEvalTaskError", "evaluate_lm_eval", "evaluate_model",
-    "flatten_lm_eval_metrics", "materialize_tasks", "perplexity_by_domain", "perplexity_metrics",
-    "sanitize_metric_name",
+    "BUNDLED_TAG", "BUNDLED_TASKS", "LmEvalTaskError", "evaluate_lm_eval", "flatten_lm_eval_metrics", "json_safe",
+    "materialize_tasks", "perplexity_by_domain", "perplexity_metrics", "sanitize_metric_name",
 ]
 
 ALL_DOMAINS = "all"
@@ -104,7 +103,7 @@ def perplexity_metrics(perplexity: dict[str, dict[str, float]], *, prefix: str =
 
 # ----------------------------------------------------------------------------- lm-eval
 
-def _json_safe(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     """A copy of `obj` that `json.dumps(..., allow_nan=False)` accepts.
 
     Non-finite floats become None; numpy/torch values become Python numbers or lists; anything
@@ -115,15 +114,15 @@ def _json_safe(obj: Any) -> Any:
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple, set, frozenset)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
     tolist = getattr(obj, "tolist", None)  # numpy arrays and scalars, torch tensors
     if callable(tolist):
         try:
-            return _json_safe(tolist())
+            return json_safe(tolist())
         except Exception:
             pass
     if callable(obj):
@@ -225,7 +224,7 @@ def _run_lm_eval(model, tokenizer, manager, tasks: list[str], *, limit, batch_si
         device=device, limit=limit, log_samples=log_samples, bootstrap_iters=bootstrap_iters,
         random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
     )
-    return _json_safe(results or {})
+    return json_safe(results or {})
 
 
 def evaluate_lm_eval(model_dir: Path, tasks: list[str], *, include_dir: Path | None, limit: int | None,
@@ -377,47 +376,3 @@ def perplexity_by_domain(model_dir: Path, documents: Iterable, *, batch_size: in
     tokenizer = load_tokenizer(Path(model_dir))
     return _perplexity_with(model, tokenizer, documents, batch_size=batch_size, max_length=max_length,
                             stride=stride)
-
-
-# ----------------------------------------------------------------------------- both
-
-@dataclass
-class EvaluationResult:
-    """What the evaluation stage measured for one model.
-
-    metrics: flat MLflow-safe metrics ("eval.<task>.<metric>[.<filter>]", "ppl.<domain>.<key>").
-    lm_eval: lm-eval's JSON-safe results dict ({} when no task was run).
-    perplexity: perplexity_by_domain's output ({} when no document was given).
-    """
-
-    metrics: dict[str, float] = field(default_factory=dict)
-    lm_eval: dict = field(default_factory=dict)
-    perplexity: dict = field(default_factory=dict)
-
-
-def evaluate_model(model_dir: Path, *, tasks: list[str], documents: Iterable, include_dir: Path | None,
-                   limit: int | None, batch_size: int, device: str = "cpu", seed: int = 0,
-                   num_fewshot: int | None = None, max_length: int = 512) -> EvaluationResult:
-    """lm-eval `tasks` and per-domain perplexity on `documents` for one model, loaded once.
-
-    Either part is skipped when `tasks` / `documents` is empty. Raises what evaluate_lm_eval
-    and perplexity_by_domain raise; unknown task names fail before anything is computed.
-    """
-    from fusion_core.models import load_causal_lm, load_tokenizer
-
-    tasks = list(tasks or [])
-    documents = list(documents or [])
-    manager = _task_manager(_check_task_list(tasks), include_dir) if tasks else None
-    model = load_causal_lm(Path(model_dir), device=device)
-    tokenizer = load_tokenizer(Path(model_dir))
-    result = EvaluationResult()
-    if documents:
-        result.perplexity = _perplexity_with(model, tokenizer, documents, batch_size=batch_size,
-                                             max_length=max_length, stride=None)
-        result.metrics.update(perplexity_metrics(result.perplexity))
-    if tasks:
-        result.lm_eval = _run_lm_eval(model, tokenizer, manager, _check_task_list(tasks), limit=limit,
-                                      batch_size=batch_size, device=device, num_fewshot=num_fewshot, seed=seed,
-                                      log_samples=False, bootstrap_iters=1000)
-        result.metrics.update(flatten_lm_eval_metrics(result.lm_eval))
-    return result

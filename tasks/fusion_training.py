@@ -107,11 +107,19 @@ def selector_usage_plot(history: list[tuple[int, dict[str, float]]], sources: li
     plt.close(fig)
 
 
+def training_key(ctx: RunContext, teacher_key: str) -> str:
+    """The fusion_training stage key of `ctx`'s config: the trained model's identity."""
+    return stage_key("fusion_training", training_section(ctx.config.fusion), teacher_key, ctx.target.key,
+                     [s.name for s in ctx.sources])
+
+
 @task(name="fusion_training", cache_policy=NO_CACHE, persist_result=False)
-def fusion_training(ctx: RunContext, data: StageResult, teacher: StageResult) -> StageResult:
+def fusion_training(ctx: RunContext, data: StageResult, teacher: StageResult, reference: str | None = None
+                    ) -> StageResult:
+    """Train the target (or, with `reference`, a reference model of the evaluation: `clm`,
+    `single:<source>`, whose config `ctx` then holds)."""
     cfg = ctx.config
-    key = stage_key("fusion_training", training_section(cfg.fusion), teacher.key, ctx.target.key,
-                    [s.name for s in ctx.sources])
+    key = training_key(ctx, teacher.key)
     logger = run_logger()
 
     def build(tmp: Path, meta: dict) -> dict[str, float]:
@@ -150,4 +158,6 @@ def fusion_training(ctx: RunContext, data: StageResult, teacher: StageResult) ->
         return {**result.metrics, "steps": result.steps, "tokens_seen": result.tokens_seen,
                 "train_seconds": result.seconds}
 
-    return run_stage(ctx, "fusion_training", key, cfg.fusion, build, logger)
+    return run_stage(ctx, "fusion_training", key, cfg.fusion, build, logger,
+                     tags={"reference": reference} if reference else None,
+                     run_name=f"fusion_training [{reference}]" if reference else None)

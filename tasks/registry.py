@@ -15,7 +15,8 @@ class RegisteredVersion:
     reused: bool
 
 
-def register_target(ctx: RunContext, training: StageResult, evaluation: StageResult, logger) -> RegisteredVersion:
+def register_target(ctx: RunContext, training: StageResult, evaluation: StageResult, logger, *,
+                    data_key: str = "") -> RegisteredVersion:
     """Register the trained target (inside the active evaluate run) unless this training output already is.
 
     A version is identified by the training stage key (tag `training_key`): a rerun that reuses
@@ -55,6 +56,8 @@ def register_target(ctx: RunContext, training: StageResult, evaluation: StageRes
         "seed": str(cfg.fusion.training.seed),
         "sources": ",".join(s.name for s in cfg.sources),
         "config_fingerprint": ctx.config_fingerprint,
+        "data_fingerprint": data_key,
+        "target_fingerprint": ctx.target.key,
         "training_key": training.key,
         "evaluation_key": evaluation.key,
         "pipeline": cfg.name,

@@ -58,7 +58,8 @@ def stage_key(stage: str, section: Any, *inputs: Any) -> str:
 
 
 def run_stage(ctx: RunContext, stage: str, key: str, section: Any, build: Callable[[Path, dict], dict[str, float]],
-              logger, after: Callable[[StageResult], None] | None = None) -> StageResult:
+              logger, after: Callable[[StageResult], None] | None = None, tags: dict[str, str] | None = None,
+              run_name: str | None = None) -> StageResult:
     """Reuse the stage's complete output for `key`, or build it; log either way in a nested run.
 
     build(tmp_dir, meta) writes the outputs into tmp_dir and returns metrics; it may add to
@@ -66,7 +67,7 @@ def run_stage(ctx: RunContext, stage: str, key: str, section: Any, build: Callab
     """
     out = StageOutput(ctx.config.workspace.root, stage, key)
     forced = stage in ctx.force_stages
-    with stage_run(ctx.tracking, stage, tags={"stage_key": key}) as run:
+    with stage_run(ctx.tracking, stage, tags={"stage_key": key, **(tags or {})}, run_name=run_name) as run:
         import mlflow
 
         mlflow.log_params(safe_params({stage: section}) if section is not None else {})

@@ -58,12 +58,13 @@ class TrackingContext:
 
 
 @contextlib.contextmanager
-def stage_run(ctx: TrackingContext, stage: str, tags: Mapping[str, str] | None = None) -> Iterator[Any]:
+def stage_run(ctx: TrackingContext, stage: str, tags: Mapping[str, str] | None = None,
+              run_name: str | None = None) -> Iterator[Any]:
     """A nested MLflow run under the pipeline's parent run, active for the block."""
     import mlflow
 
     mlflow.set_tracking_uri(ctx.uri)
-    with mlflow.start_run(run_name=stage, experiment_id=ctx.experiment_id, parent_run_id=ctx.parent_run_id,
+    with mlflow.start_run(run_name=run_name or stage, experiment_id=ctx.experiment_id, parent_run_id=ctx.parent_run_id,
                           nested=True, tags={"stage": stage, **(tags or {})}) as run:
         yield run
 

@@ -10,13 +10,11 @@ import pytest
 
 from fusion_core.eval_tasks import BUNDLED_TAG, BUNDLED_TASKS, DATA_DIR, TEMPLATES_DIR, make_data, materialize_tasks
 from fusion_core.evaluation import (
-    EvaluationResult,
     LmEvalTaskError,
-    _json_safe,
     _windows,
     evaluate_lm_eval,
-    evaluate_model,
     flatten_lm_eval_metrics,
+    json_safe,
     perplexity_by_domain,
     sanitize_metric_name,
 )
@@ -107,7 +105,7 @@ def test_flatten_lm_eval_metrics():
 def test_json_safe():
     import numpy as np
 
-    out = _json_safe({"a": float("nan"), "b": np.float32(0.5), "c": np.arange(3), 4: (1, float("inf")),
+    out = json_safe({"a": float("nan"), "b": np.float32(0.5), "c": np.arange(3), 4: (1, float("inf")),
                       "f": len, "p": Path("/x"), "d": np.dtype("float32")})
     assert out == {"a": None, "b": 0.5, "c": [0, 1, 2], "4": [1, None], "f": "<builtin_function_or_method len>",
                    "p": "/x", "d": "float32"}
@@ -286,16 +284,20 @@ def test_lm_eval_bundled_tasks_offline(tiny_models, include_dir):
     assert sample["resps"][1][0][0] == pytest.approx(expected, abs=1e-4)
 
 
-def test_evaluate_model_combines_both(tiny_models, include_dir):
-    result = evaluate_model(tiny_models["wordpiece"], tasks=["fusion_arith_mc"], documents=DOCS,
-                            include_dir=include_dir, limit=3, batch_size=4, device="cpu", seed=1)
-    assert isinstance(result, EvaluationResult)
-    assert set(result.perplexity) == {"prose", "code", "arithmetic", "all"}
+def test_evaluate_units_runs_each_unit_on_one_loaded_model(tiny_models, include_dir):
+    from fusion_core.evaluation_suite import EvalSettings, evaluate_units
+
+    settings = EvalSettings(tasks=("fusion_arith_mc",), limit=3, batch_size=4, seed=1, max_length=64)
+    out = evaluate_units(tiny_models["wordpiece"], ["lm_eval:fusion_arith_mc", "perplexity"], settings,
+                         documents=DOCS, include_dir=include_dir)
+    assert all(o.ok for o in out.values())
+    ppl = out["perplexity"]
+    assert set(ppl.details) == {"prose", "code", "arithmetic", "all"}
     for domain in ("prose", "code", "arithmetic", "all"):
         for key in ("perplexity", "bits_per_byte", "nll_per_token", "tokens", "documents"):
-            assert f"ppl.{domain}.{key}" in result.metrics
-    assert "eval.fusion_arith_mc.acc" in result.metrics
-    assert result.lm_eval["results"]["fusion_arith_mc"]["acc,none"] == result.metrics["eval.fusion_arith_mc.acc"]
-    only_ppl = evaluate_model(tiny_models["wordpiece"], tasks=[], documents=DOCS[:1], include_dir=None,
-                              limit=None, batch_size=2)
-    assert only_ppl.lm_eval == {} and set(only_ppl.perplexity) == {"prose", "all"}
+            assert f"ppl.{domain}.{key}" in ppl.metrics
+    task = out["lm_eval:fusion_arith_mc"]
+    assert task.details["results"]["fusion_arith_mc"]["acc,none"] == task.metrics["eval.fusion_arith_mc.acc"]
+    assert all(k.startswith("eval.fusion_arith_mc.") for k in task.metrics)
+    with pytest.raises(ValueError, match="not in the settings"):
+        evaluate_units(tiny_models["wordpiece"], ["humaneval"], settings)

@@ -89,10 +89,18 @@ def test_pipeline_runs_reuses_and_recovers(tmp_path, tiny_models, prefect_harnes
 
     result = CliRunner().invoke(app, ["compare", str(path), "--format", "json"])
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.output)
+    rows = json.loads(result.output)["rows"]
     assert rows[0]["version"] == "1" and "candidate" in rows[0]["aliases"]
     assert rows[0]["tags"]["strategy"] == "min_ce"
     assert rows[0]["metrics"] and all(k.startswith(("eval.", "ppl.")) for k in rows[0]["metrics"])
+    # The second run evaluated nothing again: the target's units came from the first run's records.
+    target_runs = [r for r in client.search_runs([_run_of(second, "evaluate").info.experiment_id],
+                                                 "tags.model_label = 'target'", order_by=["attributes.start_time"])]
+    assert len(target_runs) == 2
+    assert not any(k.startswith("evalcache.") for k in target_runs[1].data.tags)
+    assert {k for k in target_runs[1].data.tags if k.startswith("evalreused.")} == {
+        "evalreused.lm_eval_fusion_arith_mc", "evalreused.perplexity"}
+    assert target_runs[1].data.metrics == {**target_runs[0].data.metrics}
 
 
 @pytest.mark.slow
