@@ -111,6 +111,7 @@ def render_markdown(summary: dict, results: list[dict], *, title: str, seconds: 
     table = summary["table"]
     metrics = sorted({k for v in variants for k in table[v]},
                      key=lambda m: (m.startswith("interference"), not m.startswith("ppl."), m))
+    metrics = [m for m in metrics if m not in ("interference.references", "interference.tasks")]
     metrics = [m for m in metrics if not m.startswith("interference.drop.")] + \
               [m for m in metrics if m.startswith("interference.drop.")]
     means = {v: {k: s["mean"] for k, s in table[v].items()} for v in variants}
@@ -198,7 +199,7 @@ def fusion_reproduce(config_path: str, seeds: list[int] | None = None, variants:
         means = {v: {k: s["mean"] for k, s in summary["table"][v].items()} for v in summary["variants"]}
         errors = {v: {k: (s["max"] - s["min"]) / 2 for k, s in summary["table"][v].items()} for v in summary["variants"]}
         shown = [m for m in sorted({k for v in means.values() for k in v})
-                 if m == "interference" or m.endswith(("bits_per_byte", ".acc_norm", ".exact_match.strict-match",
+                 if m == "interference" or not m.startswith("interference.") and m.endswith(("bits_per_byte", ".acc_norm", ".exact_match.strict-match",
                                                         "pass_at_1"))]
         chart = bar_chart(out_dir / "comparison.png", means, summary["variants"], shown,
                           title=f"{cfg.name}: strategies, mean over seeds {seeds}", highlight="adaptive",

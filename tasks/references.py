@@ -44,7 +44,7 @@ def reference_models(ctx: RunContext, data: StageResult, teacher: StageResult, c
                      logger) -> list[ReferenceModel]:
     """Every reference the config names, with its model folder when one is trained.
 
-    The candidate itself serves as the reference it equals (a clm or single pipeline). A missing
+    The reference the candidate itself is (in a clm or single pipeline) is left out. A missing
     reference is trained (the fusion_training task, tagged with the reference's label) when
     `evaluation.train_references` is on, and left out otherwise, saying how to get it.
     """
@@ -53,8 +53,7 @@ def reference_models(ctx: RunContext, data: StageResult, teacher: StageResult, c
     for label in reference_labels(cfg):
         rctx = reference_context(ctx, label)
         key = training_key(rctx, teacher.key)
-        if key == candidate.key:
-            out.append(ReferenceModel(label, key, candidate.path / "model"))
+        if key == candidate.key:  # a model is not its own reference (a clm or single pipeline)
             continue
         stored = StageOutput(cfg.workspace.root, "fusion_training", key)
         if stored.complete():
