@@ -41,6 +41,18 @@ def test_empty_corpus_fails_before_any_stage(tmp_path, tiny_models, prefect_harn
     assert not (tmp_path / "workspace" / "stages").exists()
 
 
+def test_unknown_evaluation_task_fails_before_any_stage(tmp_path, tiny_models, prefect_harness):
+    """A task name neither bundled nor in lm-eval's registry is refused naming the field, before
+    any model is built or stage computed."""
+    from fusion_core.errors import FusionError
+
+    path = write_tiny_pipeline(tmp_path, tiny_models,
+                               **{"evaluation.lm_eval_tasks": ["fusion_arith_mc", "no_such_task_xyz"]})
+    with pytest.raises(FusionError, match=r"evaluation.lm_eval_tasks: unknown lm-eval task\(s\) \['no_such_task_xyz'\]"):
+        run_pipeline(path)
+    assert not (tmp_path / "workspace" / "stages").exists()
+
+
 @pytest.mark.slow
 def test_pipeline_runs_reuses_and_recovers(tmp_path, tiny_models, prefect_harness, monkeypatch):
     path = write_tiny_pipeline(tmp_path, tiny_models)
