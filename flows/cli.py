@@ -122,11 +122,18 @@ def _print_summary(s: dict) -> None:
     metrics = Table(title="evaluation")
     metrics.add_column("metric")
     metrics.add_column("value", justify="right")
-    shown = (".acc", ".acc_norm", ".exact_match.", ".bits_per_byte", ".perplexity")
+    shown = (".acc", ".acc_norm", ".exact_match.", ".bits_per_byte", ".perplexity", "humaneval.pass_at_1")
     for k, v in sorted(s["metrics"].items()):
-        if any(part in k for part in shown) and "stderr" not in k:
+        if any(part in k for part in shown) and "stderr" not in k and not k.startswith("interference."):
             metrics.add_row(k, f"{v:.4f}")
+    if "interference" in s["metrics"]:
+        m = s["metrics"]
+        metrics.add_row("interference (vs the best reference per task)",
+                        f"{m['interference']:.4f} ({m.get('interference.tasks_hurt', 0):.0f} of "
+                        f"{m.get('interference.tasks', 0):.0f} tasks hurt)")
     console.print(metrics)
+    if s.get("report"):
+        console.print(f"Evaluation report: {s['report'].get('markdown')}")
     console.print(f"MLflow tracking URI: {s['tracking_uri']}  (experiment {s['experiment']!r}, run {s['run_id']})")
     console.print(f"Registered model: {s['registered_model']} version {s['version']} (alias candidate)")
 

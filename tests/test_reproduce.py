@@ -67,6 +67,10 @@ def test_reproduce_then_compare_and_promote(tmp_path, tiny_models, prefect_harne
     compared = json.loads(res.output)
     assert len(compared["rows"]) == len(VARIANTS) and "interference" not in compared["metrics"]  # not shared by refs
     assert any(m.startswith("ppl.") for m in compared["metrics"])
+    res = runner.invoke(app, ["compare", str(path), "--runs", "--format", "json"])
+    assert res.exit_code == 0, res.output
+    pipeline_runs = json.loads(res.output)["rows"]  # the experiment's pipeline runs, not the reproduce run
+    assert sorted(r["run_id"] for r in pipeline_runs) == sorted(r["run_id"] for r in runs)
     md = tmp_path / "cmp.md"
     res = runner.invoke(app, ["compare", str(path), "--format", "markdown", "--out", str(md)])
     assert res.exit_code == 0, res.output
