@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast clean-workspace
+.PHONY: setup system-deps demo test test-fast clean-workspace
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	python3 -m venv $(VENV)
@@ -23,7 +23,14 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/fusion run configs/demo.yaml
 
-test: setup
+# The browser the UI tests drive (through Playwright); they fail, naming this step, without it.
+system-deps:
+	@if command -v chromium >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	else echo "system-deps: chromium is missing and needs root and apt-get to install; the UI tests will fail"; fi
+
+test: setup system-deps
 	$(PY) -m pytest -ra
 
 test-fast: setup
