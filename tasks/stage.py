@@ -18,7 +18,7 @@ STAGE_VERSIONS = {
     "align_vocabularies": 2,  # 2: labelled positions, marginalisation, report; the map rules have their own version
     "teacher_inference": 3,  # 2: marginal positions, label column; 3: shards with sidecars, token_ce
     "fusion_training": 1,
-    "evaluate": 1,
+    "evaluate": 2,  # 2: evaluation.json per model (cached units), report, references
 }
 STAGES = tuple(STAGE_VERSIONS)
 

@@ -227,3 +227,33 @@ def test_adaptive_training_in_two_processes_registers_its_selector(tmp_path, tin
     assert table.exit_code == 0, table.output
     row = next(line for line in table.output.splitlines() if "v1" in line)
     assert "candidate" in row and "adaptive:likelihood" in row and " all bpb" in table.output
+
+
+@pytest.mark.slow
+def test_pipeline_trains_missing_references_and_measures_interference(tmp_path, tiny_models, prefect_harness):
+    """With evaluation.train_references, one run trains clm and each single-source model, evaluates
+    them beside the fused model and logs its interference against them; a second run reuses them."""
+    path = write_tiny_pipeline(tmp_path, tiny_models, **{"fusion.strategy": "avg_ce",
+                                                        "evaluation.references": ["clm", "single"],
+                                                        "evaluation.train_references": True})
+    first = run_pipeline(path)
+    assert first["metrics"]["interference.references"] == 3
+    assert first["metrics"]["interference"] >= 0 and "interference.tasks_hurt" in first["metrics"]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=first["tracking_uri"])
+    exp = client.get_run(first["run_id"]).info.experiment_id
+    trained = client.search_runs([exp], f"tags.mlflow.parentRunId = '{first['run_id']}' and tags.stage = 'fusion_training'")
+    assert sorted(r.info.run_name for r in trained) == [
+        "fusion_training", "fusion_training [clm]", "fusion_training [single:bytes]", "fusion_training [single:words]"]
+    evaluate = _run_of(first, "evaluate")
+    assert evaluate.data.tags["missing_references"] == "none"
+    report = client.download_artifacts(evaluate.info.run_id, "report/evaluation.md", str(tmp_path))
+    text = open(report).read()
+    assert "interference =" in text and "| single:words |" in text and "Missing references" not in text
+
+    second = run_pipeline(path)
+    assert all(s["reused"] for s in second["stages"].values())
+    again = client.search_runs([exp], f"tags.mlflow.parentRunId = '{second['run_id']}' and tags.stage = 'fusion_training'")
+    assert [r.info.run_name for r in again] == ["fusion_training"]  # the references were found, not retrained
+    assert second["metrics"]["interference"] == pytest.approx(first["metrics"]["interference"])
