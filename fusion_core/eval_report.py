@@ -88,7 +88,8 @@ def write_report(out_dir: Path, *, title: str, models: list[ModelEvaluation], ca
         lines += ["## HumanEval outcomes", "", "| model | " + " | ".join(HUMANEVAL_STATUSES) + " | pass@1 |",
                   "|---|" + "---|" * (len(HUMANEVAL_STATUSES) + 1)]
         for m in he:
-            counts = [fmt(m.metrics.get(f"humaneval.status.{s}", float("nan"))) for s in HUMANEVAL_STATUSES]
+            counts = [f"{m.metrics[key]:.0f}" if (key := f"humaneval.status.{s}") in m.metrics else "-"
+                      for s in HUMANEVAL_STATUSES]
             lines.append(f"| {m.label} | " + " | ".join(counts) + f" | {fmt(m.metrics.get('humaneval.pass_at_1'))} |")
         lines.append("")
     lines += ["## Where the numbers come from", "", "| model | role | computed | reused from MLflow |",
