@@ -1,4 +1,4 @@
-"""The `fusion` command line: run, validate, schema, compare, promote, reproduce."""
+"""The `fusion` command line: run, rerun, validate, schema, compare, promote, reproduce."""
 from __future__ import annotations
 
 import json
@@ -35,6 +35,14 @@ def _fail(exc: BaseException, code: int = 1) -> None:
         prefix = "error" if isinstance(exc, FusionError) else f"error ({type(exc).__name__})"
         typer.echo(f"{prefix}: {msg}" + ("" if _state["debug"] else "  [--debug for the traceback]"), err=True)
     raise typer.Exit(code)
+
+
+def _stdout_for(json_out: bool):
+    """With --json, what libraries print while the pipeline runs (MLflow's "Successfully
+    registered model ...") goes to stderr, so that stdout is the JSON alone."""
+    import contextlib
+
+    return contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext()
 
 
 class _NoTraceback(logging.Filter):
@@ -98,13 +106,46 @@ def run(config: Path = typer.Argument(..., help="pipeline YAML"),
         if not _state["debug"]:
             _quiet_tracebacks()
         # With overrides, the flow runs the resolved config (absolute paths), kept in the workspace.
-        summary = run_pipeline(write_resolved_config(cfg) if overrides else config, from_stage)
+        with _stdout_for(json_out):
+            summary = run_pipeline(write_resolved_config(cfg) if overrides else config, from_stage)
     except Exception as exc:
         _fail(exc)
     if json_out:
         typer.echo(json.dumps(summary, indent=2))
         return
     _print_summary(summary)
+
+
+@app.command()
+def rerun(run_id: str = typer.Argument(..., help="the MLflow run id of a failed or interrupted pipeline run"),
+          config: Optional[Path] = typer.Argument(None, help="a pipeline YAML naming the tracking store "
+                                                             "(default configs/demo.yaml)"),
+          tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri"),
+          json_out: bool = typer.Option(False, "--json", help="print the summary as JSON")) -> None:
+    """Finish a failed or interrupted pipeline run: its config again, completed stages reused,
+    training resumed from its last checkpoint; the new run is linked to the old one."""
+    cfg, uri = _tracking(config, tracking_uri)
+    from flows.rerun import prepare_rerun
+
+    try:
+        resolved = prepare_rerun(uri, run_id, cfg.workspace.root / "configs")
+        rerun_cfg = _load(resolved)
+        from flows.env import apply_defaults
+
+        apply_defaults(rerun_cfg.workspace.root)
+        from flows.pipeline import run_pipeline
+
+        if not _state["debug"]:
+            _quiet_tracebacks()
+        with _stdout_for(json_out):
+            summary = run_pipeline(resolved, rerun_of=run_id)
+    except Exception as exc:
+        _fail(exc)
+    if json_out:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    _print_summary(summary)
+    typer.echo(f"rerun of {run_id}: MLflow run {summary['run_id']}")
 
 
 def _print_summary(s: dict) -> None:
@@ -261,8 +302,9 @@ def reproduce(config: Path = typer.Argument(..., help="pipeline YAML"),
              list(overrides or []))
         if not _state["debug"]:
             _quiet_tracebacks()
-        result = fusion_reproduce(str(config.resolve()), seeds=list(seeds or []) or None,
-                                  variants=list(variants or []) or None, overrides=list(overrides or []))
+        with _stdout_for(json_out):
+            result = fusion_reproduce(str(config.resolve()), seeds=list(seeds or []) or None,
+                                      variants=list(variants or []) or None, overrides=list(overrides or []))
     except Exception as exc:
         _fail(exc)
     if json_out:

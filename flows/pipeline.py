@@ -22,7 +22,7 @@ from tasks.fusion_training import fusion_training
 from tasks.prepare_data import check_corpora, prepare_data
 from tasks.references import reference_models
 from tasks.resolve_models import resolve_models
-from tasks.stage import STAGES, RunContext
+from tasks.stage import STAGES, RunContext, with_retries
 from tasks.teacher_inference import teacher_inference
 from tasks.tracking import TrackingContext, ensure_experiment, safe_params, tracking_uri
 
@@ -46,8 +46,19 @@ class PipelineSummary:
 
 def config_fingerprint(cfg: PipelineConfig) -> str:
     """What the pipeline computes, independent of where it writes or tracks."""
-    data = cfg.model_dump(mode="json", exclude={"workspace", "tracking"})
+    data = cfg.model_dump(mode="json", exclude={"workspace", "tracking", "orchestration"})
     return fingerprint(data)
+
+
+def process_tags() -> dict[str, str]:
+    """Where this pipeline runs: `fusion rerun` tells a run still going from one left marked
+    running by a killed process."""
+    import os
+    import socket
+
+    from prefect.runtime import flow_run
+
+    return {"host": socket.gethostname(), "pid": str(os.getpid()), "prefect_flow_run_id": str(flow_run.id or "")}
 
 
 def stages_from(stage: str | None) -> frozenset[str]:
@@ -59,11 +70,13 @@ def stages_from(stage: str | None) -> frozenset[str]:
 
 
 @flow(name="fusion_pipeline", log_prints=True)
-def fusion_pipeline(config_path: str, from_stage: str | None = None, parent_run_id: str | None = None) -> dict:
+def fusion_pipeline(config_path: str, from_stage: str | None = None, parent_run_id: str | None = None,
+                    rerun_of: str | None = None) -> dict:
     """Run the whole pipeline for the YAML config at `config_path`; returns a summary dict.
 
     `parent_run_id`: an MLflow run (of the same experiment) to nest this pipeline's run under
-    (`fusion reproduce` does)."""
+    (`fusion reproduce` does). `rerun_of`: the pipeline run this one reruns (`fusion rerun`):
+    the two runs are linked by tags (`rerun_of` here, `rerun_by` there)."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -81,9 +94,12 @@ def fusion_pipeline(config_path: str, from_stage: str | None = None, parent_run_
     fp = config_fingerprint(cfg)
     parent = client.create_run(experiment_id, run_name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
                                tags={"pipeline": cfg.name, "config_fingerprint": fp,
-                                     "strategy": cfg.fusion.strategy,
-                                     **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})})
+                                     "strategy": cfg.fusion.strategy, **process_tags(),
+                                     **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}),
+                                     **({"rerun_of": rerun_of} if rerun_of else {})})
     run_id = parent.info.run_id
+    if rerun_of:
+        client.set_tag(rerun_of, "rerun_by", run_id)
     logger.info(f"MLflow run {run_id} in experiment {cfg.tracking.experiment!r} at {uri}")
     try:
         mlflow.set_tracking_uri(uri)
@@ -95,12 +111,12 @@ def fusion_pipeline(config_path: str, from_stage: str | None = None, parent_run_
         sources, target = resolve_models(cfg)
         ctx = RunContext(config=cfg, tracking=tracking, sources=sources, target=target, force_stages=force,
                          config_fingerprint=fp)
-        data = prepare_data(ctx)
-        alignment = align_vocabularies(ctx, data)
-        teacher = teacher_inference(ctx, data, alignment)
-        training = fusion_training(ctx, data, teacher)
+        data = with_retries(prepare_data, ctx, "prepare_data")(ctx)
+        alignment = with_retries(align_vocabularies, ctx, "align_vocabularies")(ctx, data)
+        teacher = with_retries(teacher_inference, ctx, "teacher_inference")(ctx, data, alignment)
+        training = with_retries(fusion_training, ctx, "fusion_training")(ctx, data, teacher)
         references = reference_models(ctx, data, teacher, training, logger)
-        summary_eval = evaluate(ctx, data, training, references)
+        summary_eval = with_retries(evaluate, ctx, "evaluate")(ctx, data, training, references)
         evaluation, registered = summary_eval.stage, summary_eval.registered
 
         results = {"prepare_data": data, "align_vocabularies": alignment, "teacher_inference": teacher,
@@ -142,5 +158,5 @@ def write_resolved_config(cfg: PipelineConfig) -> Path:
     return path
 
 
-def run_pipeline(config_path: Path, from_stage: str | None = None) -> dict:
-    return fusion_pipeline(str(Path(config_path).resolve()), from_stage)
+def run_pipeline(config_path: Path, from_stage: str | None = None, rerun_of: str | None = None) -> dict:
+    return fusion_pipeline(str(Path(config_path).resolve()), from_stage, rerun_of=rerun_of)

@@ -327,6 +327,34 @@ class EvaluationConfig(Section):
         return list(dict.fromkeys(v))
 
 
+STAGE_NAMES = ("prepare_data", "align_vocabularies", "teacher_inference", "fusion_training", "evaluate")
+
+
+class StageRetries(Section):
+    """Prefect retries of one stage's task, for transient failures (a lost file system, a killed
+    worker): not for errors in the config or the data, which are never retried."""
+
+    retries: int = Field(0, ge=0, le=20)
+    delay_seconds: float = Field(10.0, ge=0, description="wait before the first retry")
+    backoff: float = Field(2.0, ge=1, description="each later wait is the previous one times this")
+
+    def delays(self) -> list[float]:
+        return [self.delay_seconds * self.backoff ** i for i in range(self.retries)]
+
+
+class OrchestrationConfig(Section):
+    retries: dict[str, StageRetries] = Field(
+        default_factory=dict, description=f"per stage ({', '.join(STAGE_NAMES)}): retries, delay_seconds, backoff")
+
+    @field_validator("retries")
+    @classmethod
+    def _known_stages(cls, v: dict[str, StageRetries]) -> dict[str, StageRetries]:
+        unknown = sorted(set(v) - set(STAGE_NAMES))
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; stages: {', '.join(STAGE_NAMES)}")
+        return v
+
+
 class TrackingConfig(Section):
     tracking_uri: str | None = Field(None, description="None: embedded SQLite + artifact folder in the workspace")
     experiment: str = "llm-fusion"
@@ -358,6 +386,7 @@ class PipelineConfig(Section):
     teacher: TeacherConfig = TeacherConfig()
     fusion: FusionConfig = FusionConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")

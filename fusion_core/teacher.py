@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from fusion_core.errors import FusionError
 from fusion_core.data import Document
 from fusion_core.tokenization import EncodedText, encode_document
 
@@ -422,7 +423,7 @@ class TeacherRunStats:
         return m
 
 
-class TeacherError(ValueError):
+class TeacherError(FusionError, ValueError):
     """A source that cannot score a document (non-finite outputs, too long); the message names both."""
 
 

@@ -35,6 +35,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from fusion_core.errors import FusionError
 from fusion_core.workspace import write_json_atomic
 from fusion_core.fusion import (
     FusionExample, FusionModel, collate, selection_counts, source_count, strategy_from_config,
@@ -177,7 +178,7 @@ def _accelerator():
     return get_accelerator()
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(FusionError, RuntimeError):
     """The loss became NaN or infinite; training stopped before the bad step was applied."""
 
 

@@ -155,8 +155,9 @@ def fusion_training(ctx: RunContext, data: StageResult, teacher: StageResult, re
             selector_usage_plot(history, names, plot, title=f"{cfg.name}: {cfg.fusion.strategy}")
             mlflow.log_artifact(str(plot), artifact_path="plots")
         meta["training"] = {"steps": result.steps, "tokens_seen": result.tokens_seen}
+        resumed = {"resumed_from_step": result.resumed_from_step} if result.resumed_from_step else {}
         return {**result.metrics, "steps": result.steps, "tokens_seen": result.tokens_seen,
-                "train_seconds": result.seconds}
+                "train_seconds": result.seconds, **resumed}
 
     return run_stage(ctx, "fusion_training", key, cfg.fusion, build, logger,
                      tags={"reference": reference} if reference else None,

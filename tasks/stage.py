@@ -101,3 +101,24 @@ def run_stage(ctx: RunContext, stage: str, key: str, section: Any, build: Callab
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def _transient(task, task_run, state) -> bool:
+    """Prefect's retry condition: retry unexpected errors, never the project's own (a bad config,
+    bad data, a diverged training), which would fail the same way again."""
+    from fusion_core.errors import FusionError
+
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception:  # noqa: BLE001 - an unreadable result: treat as transient
+        return True
+    return not isinstance(exc, FusionError)
+
+
+def with_retries(stage_task, ctx: RunContext, stage: str):
+    """`stage_task` with the config's retries for `stage` (orchestration.retries), exponential
+    back-off between them; unchanged when none are configured."""
+    r = ctx.config.orchestration.retries.get(stage)
+    if r is None or r.retries == 0:
+        return stage_task
+    return stage_task.with_options(retries=r.retries, retry_delay_seconds=r.delays(), retry_condition_fn=_transient)

@@ -1,0 +1,77 @@
+"""`fusion rerun RUN_ID`: finish a failed or interrupted pipeline run from where it stopped.
+
+The rerun runs the exact config the original ran (its `config/resolved.yaml` artifact): completed
+stages and teacher shards are reused by their fingerprints, and training resumes from its last
+checkpoint. The runs are linked both ways (`rerun_of` / `rerun_by` tags).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fusion_core.errors import FusionError
+
+
+def _alive_here(tags: dict) -> bool:
+    """Whether the process that tagged the run (host, pid) is still running on this machine."""
+    import socket
+
+    if tags.get("host") != socket.gethostname() or not tags.get("pid", "").isdigit():
+        return False
+    pid = int(tags["pid"])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a pid reused by something else is not our pipeline
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True
+    return b"python" in cmdline or b"fusion" in cmdline
+
+
+def prepare_rerun(tracking_uri: str, run_id: str, configs_dir: Path) -> Path:
+    """Check that `run_id` is a pipeline run that can be rerun and return its resolved config,
+    written to `configs_dir`. A run left marked RUNNING by a process that no longer exists is
+    marked KILLED first.
+
+    Raises FusionError for a run that does not exist, is not a pipeline run, finished, or is
+    still running.
+    """
+    import tempfile
+
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise FusionError(f"no MLflow run {run_id!r} at {tracking_uri}") from None
+    tags = run.data.tags
+    if "stage" in tags or "config_fingerprint" not in tags:
+        parent = tags.get("mlflow.parentRunId")
+        raise FusionError(f"run {run_id} is not a pipeline run" + (f"; its pipeline run is {parent}" if parent else ""))
+    status = run.info.status
+    if status == "FINISHED":
+        raise FusionError(f"run {run_id} finished: nothing to rerun (`fusion run CONFIG` reuses its stages; "
+                          f"`--from STAGE` recomputes from a stage)")
+    if status in ("RUNNING", "SCHEDULED"):
+        if _alive_here(tags):
+            raise FusionError(f"run {run_id} is still running (pid {tags['pid']} on {tags['host']})")
+        client.set_tag(run_id, "interrupted", "true")
+        client.set_terminated(run_id, "KILLED")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = client.download_artifacts(run_id, "config/resolved.yaml", tmp)
+        except (MlflowException, OSError) as exc:
+            raise FusionError(f"run {run_id} has no config/resolved.yaml artifact to rerun: {exc}") from None
+        text = Path(local).read_text()
+    configs_dir.mkdir(parents=True, exist_ok=True)
+    path = configs_dir / f"rerun-{run_id}.yaml"
+    path.write_text(text)
+    return path
