@@ -1,4 +1,5 @@
-"""The `fusion` command line: run, rerun, validate, schema, compare, promote, reproduce."""
+"""The `fusion` command line: run, rerun, validate, schema, compare, promote, reproduce, schedule,
+schedules, serve."""
 from __future__ import annotations
 
 import json
@@ -146,6 +147,78 @@ def rerun(run_id: str = typer.Argument(..., help="the MLflow run id of a failed 
         return
     _print_summary(summary)
     typer.echo(f"rerun of {run_id}: MLflow run {summary['run_id']}")
+
+
+@app.command()
+def schedule(config: Path = typer.Argument(..., help="pipeline YAML"),
+             cron: Optional[str] = typer.Option(None, "--cron", help='a cron string: "0 3 * * *" (03:00 daily)'),
+             interval: Optional[float] = typer.Option(None, "--interval", help="seconds between runs"),
+             timezone: Optional[str] = typer.Option(None, "--timezone", help="for --cron, e.g. Europe/Berlin"),
+             name: Optional[str] = typer.Option(None, "--name", help="deployment name (default: the pipeline's)"),
+             work_pool: Optional[str] = typer.Option(None, "--work-pool", help="run on this Prefect work pool's "
+                                                                               "workers (default: `fusion serve`)"),
+             overrides: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP)) -> None:
+    """Schedule the pipeline: a Prefect deployment on the server, run by `fusion serve` or a work pool."""
+    cfg = _load(config, overrides=overrides)
+    from flows.env import apply_defaults
+
+    apply_defaults(cfg.workspace.root)
+    from flows.pipeline import write_resolved_config
+    from flows.schedule import ScheduleSpec, create_schedule
+
+    try:
+        spec = ScheduleSpec(cron=cron, interval_seconds=interval, timezone=timezone)
+        spec.prefect_schedule()  # a bad cron string is refused before anything is written
+        created = create_schedule(write_resolved_config(cfg), name or cfg.name, spec, work_pool=work_pool)
+    except Exception as exc:
+        _fail(exc)
+    runner = f"workers of work pool {work_pool!r}" if work_pool else "`fusion serve`"
+    typer.echo(f"scheduled {created['name']} ({created['schedule']}), run by {runner}; deployment {created['id']}")
+
+
+@app.command()
+def schedules(config: Optional[Path] = typer.Argument(None, help="a pipeline YAML (for its workspace)"),
+              json_out: bool = typer.Option(False, "--json")) -> None:
+    """List the scheduled pipelines on the Prefect server, with their next run."""
+    if config is not None:
+        from flows.env import apply_defaults
+
+        apply_defaults(_load(config, check_paths=False).workspace.root)
+    from flows.schedule import list_schedules
+
+    try:
+        rows = list_schedules()
+    except Exception as exc:
+        _fail(exc)
+    if json_out:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(rows)} scheduled pipeline(s)")
+    for col in ("deployment", "schedule", "active", "runs on", "next run", "config"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], ", ".join(r["schedules"]) or "-", "yes" if r["active"] else "no", r["runs_on"],
+                      r["next_run"] or "-", r["config"] or "-")
+    Console(width=160).print(table)
+
+
+@app.command()
+def serve(config: Optional[Path] = typer.Argument(None, help="a pipeline YAML (for its workspace)"),
+          limit: Optional[int] = typer.Option(None, "--limit", help="pipeline runs at once")) -> None:
+    """Run the scheduled pipelines (those without a work pool) as they come due, until interrupted."""
+    if config is not None:
+        from flows.env import apply_defaults
+
+        apply_defaults(_load(config, check_paths=False).workspace.root)
+    from flows.schedule import serve_schedules
+
+    try:
+        serve_schedules(limit=limit)
+    except Exception as exc:
+        _fail(exc)
 
 
 def _print_summary(s: dict) -> None:

@@ -136,3 +136,25 @@ def test_stage_retries_come_from_the_config(tmp_path, tiny_models):
     bad = write_tiny_pipeline(tmp_path / "bad", tiny_models, **{"orchestration.retries": {"teach": {"retries": 1}}})
     with pytest.raises(ConfigError, match=r"orchestration.retries: .*unknown stage\(s\) \['teach'\]"):
         load_config(bad)
+
+
+def test_schedule_refuses_bad_input_before_creating_anything(tmp_path, tiny_models, monkeypatch):
+    path = write_tiny_pipeline(tmp_path, tiny_models)
+    runner = CliRunner()
+    res = runner.invoke(app, ["schedule", str(path), "--cron", "61 * * * *"])
+    assert res.exit_code == 1 and "--cron '61 * * * *': Invalid cron string" in res.output
+    res = runner.invoke(app, ["schedule", str(path), "--cron", "0 3 * * *", "--interval", "60"])
+    assert res.exit_code == 1 and "exactly one of --cron and --interval" in res.output
+    res = runner.invoke(app, ["schedule", str(path), "--interval", "-5"])
+    assert res.exit_code == 1 and "--interval must be a positive number" in res.output
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: None}):
+        res = runner.invoke(app, ["schedule", str(path), "--cron", "0 3 * * *"])
+    assert res.exit_code == 1 and "scheduling needs a Prefect server" in res.output
+    # A server that does not answer: named, nothing created.
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        res = runner.invoke(app, ["schedule", str(path), "--cron", "0 3 * * *"])
+    assert res.exit_code == 1 and "does not answer" in res.output
