@@ -10,35 +10,68 @@ from prefect.cache_policies import NO_CACHE
 
 from fusion_core.teacher import load_fusion_examples
 from fusion_core.training import TrainingResult, train_target
-from tasks.common import run_logger
+from tasks.common import TokenProgress, run_logger
 from tasks.stage import RunContext, StageResult, run_stage, stage_key
 from tasks.tracking import clean_metrics
 
 
+def torchrun_command(training, job_path: Path | str) -> list[str]:
+    """The command (torchrun as `python -m torch.distributed.run` of this interpreter) that starts this
+    machine's `training.processes` ranks of fusion_core.train_launch on `job_path`: a standalone
+    rendezvous on one node; with nnodes > 1, node `node_rank` of a static rendezvous at rdzv_endpoint.
+
+    Static, not c10d: torchrun's c10d rendezvous ignores --node_rank and numbers the nodes by host
+    name, while global rank 0, which writes the model, the history and the result, must be on node 0.
+    """
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run"]
+    if training.nnodes > 1:
+        cmd += [f"--nnodes={training.nnodes}", f"--node_rank={training.node_rank}", "--rdzv_backend=static",
+                f"--rdzv_endpoint={training.rdzv_endpoint}"]
+    else:
+        cmd.append("--standalone")
+    return cmd + [f"--nproc_per_node={training.processes}", "-m", "fusion_core.train_launch", str(job_path)]
+
+
 def _launch(fusion, train: Path, target: Path, teachers: list[Path], names: list[str], work: Path, log,
             logger) -> TrainingResult:
-    """Train with `fusion.training.processes` ranks under torchrun (fusion_core.train_launch),
-    forwarding rank 0's logged steps to `log` while it runs; raises with the ranks' last output."""
+    """Train with `fusion.training.processes` ranks on this machine under torchrun (fusion_core.train_launch),
+    alone or as node `node_rank` of `nnodes`, forwarding rank 0's logged steps to `log` while it runs.
+
+    Returns the TrainingResult on node 0 (which holds global rank 0). Raises FusionError on another
+    node once its ranks have finished (the model, its metrics and the rest of the pipeline are node
+    0's), RuntimeError with the ranks' last output when they fail."""
     import os
     import subprocess
-    import sys
     import tempfile
     import time
 
+    from fusion_core.errors import FusionError
     from fusion_core.workspace import write_json_atomic
 
-    n = fusion.training.processes
+    training = fusion.training
+    n, nodes, node = training.processes, training.nnodes, training.node_rank
     work.mkdir(parents=True, exist_ok=True)
     run_dir = Path(tempfile.mkdtemp(prefix="launch-", dir=work))
     job = {"fusion": fusion.model_dump(mode="json"), "train": str(train), "target": str(target),
            "teachers": [str(t) for t in teachers], "sources": names, "out_dir": str(work),
            "history": str(run_dir / "history.jsonl"), "result": str(run_dir / "result.json")}
     write_json_atomic(run_dir / "job.json", job)
-    threads = fusion.training.threads or max(1, (os.cpu_count() or 1) // n)
+    threads = training.threads or max(1, (os.cpu_count() or 1) // n)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-           "-m", "fusion_core.train_launch", str(run_dir / "job.json")]
-    logger.info(f"training with {n} processes ({threads} threads each): {' '.join(cmd)}")
+    cmd = torchrun_command(training, run_dir / "job.json")
+    if nodes == 1:
+        where = f"{n} processes"
+        logger.info(f"training with {n} processes ({threads} threads each): {' '.join(cmd)}")
+    else:
+        where = f"node {node} of {nodes}, {n} processes here"
+        logger.info(f"training as node {node} of {nodes} ({n} processes here, {threads} threads each), rendezvous "
+                    f"at {training.rdzv_endpoint}: {' '.join(cmd)}")
+        if node == 0:
+            other = [("--node_rank=K" if c.startswith("--node_rank=") else c) for c in cmd]
+            logger.info(f"waiting for nodes 1 .. {nodes - 1}: each runs this pipeline with --set "
+                        f"fusion.training.node_rank=K, or: {' '.join(other)}")
     output = run_dir / "ranks.log"
     seen = 0
     with output.open("w") as out:
@@ -62,8 +95,12 @@ def _launch(fusion, train: Path, target: Path, teachers: list[Path], names: list
         forward()
     if proc.returncode != 0:
         tail = "\n".join(output.read_text().splitlines()[-25:])
-        raise RuntimeError(f"fusion training with {n} processes failed (exit {proc.returncode}); the ranks' last "
+        raise RuntimeError(f"fusion training ({where}) failed (exit {proc.returncode}); the ranks' last "
                            f"output ({output}):\n{tail}")
+    if node != 0:
+        raise FusionError(f"fusion.training.node_rank {node}: this node's {n} rank(s) finished their part of the "
+                          f"training; node 0 holds global rank 0, which wrote the model, and runs the rest of the "
+                          f"pipeline (evaluate, register): nothing more to do on this node")
     r = json.loads((run_dir / "result.json").read_text())
     return TrainingResult(model_dir=Path(r["model_dir"]), steps=r["steps"], tokens_seen=r["tokens_seen"],
                           metrics=r["metrics"], wall_time_s=r["wall_time_s"],
@@ -129,26 +166,32 @@ def fusion_training(ctx: RunContext, data: StageResult, teacher: StageResult, re
         names = [s.name for s in ctx.sources] if uses_teachers else []
         teacher_folders = [teacher.path / n for n in names]
         examples = []
-        if cfg.fusion.training.processes == 1:  # else every rank reads them itself
+        if not cfg.fusion.training.torchrun:  # else every rank reads them itself
             examples = load_fusion_examples(data.path / "train.jsonl", ctx.target.path, teacher_folders)
         # Checkpoints live outside the stage's temporary folder so a killed run can resume.
         work = cfg.workspace.root / "work" / "fusion_training" / key
 
         history: list[tuple[int, dict[str, float]]] = []
+        progress = TokenProgress(f"fusion_training ({cfg.fusion.strategy})", cfg.fusion.training.steps, logger,
+                                 unit="steps")
 
         def log(metrics: dict[str, float], step: int) -> None:
+            progress.advance(step - progress.done)
             history.append((step, dict(metrics)))
             mlflow.log_metrics(clean_metrics(metrics), step=step)
             logger.info(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())
                                                      if k in ("loss", "clm", "kd", "feedback", "selector_nll", "lr",
                                                               "tokens_per_s") or k.startswith("weight.")))
 
-        if cfg.fusion.training.processes > 1:
-            result = _launch(cfg.fusion, data.path / "train.jsonl", ctx.target.path, teacher_folders, names, work,
-                             log, logger)
-        else:
-            result = train_target(ctx.target.path, examples, fusion=cfg.fusion, out_dir=work, source_names=names,
-                                  log=log)
+        try:
+            if cfg.fusion.training.torchrun:
+                result = _launch(cfg.fusion, data.path / "train.jsonl", ctx.target.path, teacher_folders, names, work,
+                                 log, logger)
+            else:
+                result = train_target(ctx.target.path, examples, fusion=cfg.fusion, out_dir=work, source_names=names,
+                                      log=log)
+        finally:
+            progress.close()
         shutil.copytree(result.model_dir, tmp / "model")
         if names and history:
             plot = tmp / "selector_usage.png"

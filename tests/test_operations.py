@@ -32,6 +32,23 @@ def _stage_states(client, run_id: str) -> dict[str, str]:
     return {r.info.run_name: r.data.tags.get("reused", r.info.status) for r in children}
 
 
+def _progress_of(flow_run_id: str) -> dict[str, float]:
+    """The progress artifacts of a Prefect flow run: what progressed -> percent (the UI's bars)."""
+    import asyncio
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType
+
+    async def read():
+        async with get_client() as c:
+            return await c.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(flow_run_id)]),
+                type=ArtifactFilterType(any_=["progress"])))
+
+    return {(a.description or "").split(":")[0]: float(a.data) for a in asyncio.run(read())}
+
+
 @pytest.mark.slow
 def test_rerun_finishes_a_failed_run_reusing_its_stages_and_resuming_training(tmp_path, tiny_models,
                                                                             prefect_harness, monkeypatch):
@@ -65,6 +82,8 @@ def test_rerun_finishes_a_failed_run_reusing_its_stages_and_resuming_training(tm
     training = client.search_runs([failed.info.experiment_id], f"tags.mlflow.parentRunId = '{summary['run_id']}' "
                                                                "and tags.stage = 'fusion_training'")[0]
     assert training.data.metrics["resumed_from_step"] == 2 and training.data.metrics["steps"] == 4
+    assert _progress_of(client.get_run(summary["run_id"]).data.tags["prefect_flow_run_id"]) == {
+        "fusion_training (min_ce)": 100.0}
     assert client.get_run(summary["run_id"]).data.tags["rerun_of"] == failed.info.run_id
     assert client.get_run(failed.info.run_id).data.tags["rerun_by"] == summary["run_id"]
 
