@@ -140,7 +140,8 @@ def render_markdown(summary: dict, results: list[dict], *, title: str, seconds: 
             per_seed = ", ".join(f"seed {s}: " + ("n/a" if x is None else f"{x:.1%}") for s, x in r["per_seed"].items())
             lines.append(f"| {name.split(' vs ')[1]} | " + ("n/a" if r["of_means"] is None else f"{r['of_means']:.1%}")
                          + f" | {per_seed} |")
-        lines += ["", "n/a: the other strategy shows no interference to reduce (or it was not measured)."]
+        if any(r["of_means"] is None or None in r["per_seed"].values() for r in summary["reductions"].values()):
+            lines += ["", "n/a: the other strategy shows no interference to reduce (or it was not measured)."]
     else:
         lines.append("Not computed: the sweep needs adaptive and avg_ce or min_ce.")
     lines += ["", "## Runs", "", "| variant | seed | registered version | seconds | computed stages |",

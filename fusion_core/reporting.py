@@ -28,9 +28,10 @@ def _finite(v) -> bool:
 
 
 def best_columns(table: Table, metric: str, columns: Sequence[str]) -> set[str]:
-    """The columns holding the best finite value of `metric` (ties all marked; none if < 2 values)."""
+    """The columns holding the best finite value of `metric` (ties all marked; none when fewer
+    than 2 values or all equal)."""
     values = {c: table[c][metric] for c in columns if _finite(table.get(c, {}).get(metric))}
-    if len(values) < 2:
+    if len(values) < 2 or len(set(values.values())) == 1:  # nothing to tell apart
         return set()
     best = (min if better_low(metric) else max)(values.values())
     return {c for c, v in values.items() if v == best}

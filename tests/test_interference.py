@@ -112,6 +112,7 @@ def test_comparison_table_marks_the_best_per_row():
     assert best_columns(table, BPB, ["v1", "v2", "v3"]) == {"v2", "v3"}  # ties are all marked
     assert best_columns(table, ACC, ["v1", "v2", "v3"]) == {"v2"}
     assert best_columns(table, "interference", ["v1", "v2", "v3"]) == {"v2"}  # lower interference is better
+    assert best_columns({"a": {ACC: 0.0}, "b": {ACC: 0.0}}, ACC, ["a", "b"]) == set()  # all equal: no best
     md = markdown_table(table, ["v1", "v2", "v3"], [BPB, ACC]).splitlines()
     assert md[2] == f"| {BPB} ↓ | 1.3000 | 1.2000 ★ | 1.2000 ★ |"
     assert md[3] == f"| {ACC} ↑ | 0.5000 | 0.6000 ★ | 0.4000 |"
