@@ -23,12 +23,20 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/fusion run configs/demo.yaml
 
-# The browser the UI tests drive (through Playwright); they fail, naming this step, without it.
+# Debian packages the slow tests use, installed when missing (one apt-get for all); without them
+# those tests fail naming this step:
+#   chromium        the browser the UI tests drive (through Playwright)
+#   docker-compose  Debian's v1, which checks infra/docker-compose.yml with `config` without an engine
+#   postgresql      initdb/pg_ctl for the PostgreSQL back-end test of `fusion server`
 system-deps:
-	@if command -v chromium >/dev/null; then :; \
+	@missing=""; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -z "$$missing" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
-	else echo "system-deps: chromium is missing and needs root and apt-get to install; the UI tests will fail"; fi
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
+	else echo "system-deps: missing$$missing; installing needs root and apt-get: the tests using them will fail"; fi
 
 test: setup system-deps
 	$(PY) -m pytest -ra

@@ -390,6 +390,72 @@ def reproduce(config: Path = typer.Argument(..., help="pipeline YAML"),
     typer.echo(f"report: {result['report']}  ({result['seconds'] / 60:.1f} min; MLflow run {result['run_id']})")
 
 
+server_app = typer.Typer(no_args_is_help=True, help="The workspace's Prefect server and MLflow tracking server, "
+                                                    "in the background: `fusion run` then tracks to them.")
+app.add_typer(server_app, name="server")
+CONFIG_FOR_WORKSPACE = "a pipeline YAML (its workspace holds the servers' state; default configs/demo.yaml)"
+
+
+def _server_workspace(config: Optional[Path]) -> Path:
+    if config is None:
+        config = Path("configs/demo.yaml")
+        if not config.is_file():
+            _fail(ValueError("give a config: the servers belong to its workspace"))
+    return _load(config, check_paths=False).workspace.root
+
+
+@server_app.command("start")
+def server_start(config: Optional[Path] = typer.Argument(None, help=CONFIG_FOR_WORKSPACE),
+                 prefect_port: int = typer.Option(4200, "--prefect-port"),
+                 mlflow_port: int = typer.Option(5000, "--mlflow-port"),
+                 database_url: Optional[str] = typer.Option(
+                     None, "--database-url", envvar="FUSION_DATABASE_URL",
+                     help="postgresql://USER:PASSWORD@HOST:PORT[/NAME]: keep the state in PostgreSQL, databases "
+                          "prefect and mlflow (NAME_prefect, NAME_mlflow), which must exist; default: the "
+                          "workspace's SQLite files")) -> None:
+    """Start the Prefect server (UI and API) and the MLflow tracking server on 127.0.0.1."""
+    workspace = _server_workspace(config)
+    from flows.servers import start_servers
+
+    try:
+        state = start_servers(workspace, prefect_port=prefect_port, mlflow_port=mlflow_port,
+                              database_url=database_url)
+    except Exception as exc:
+        _fail(exc)
+    typer.echo(f"Prefect: {state.prefect.url} (API {state.prefect_api_url}), pid {state.prefect.pid}")
+    typer.echo(f"MLflow:  {state.mlflow.url}, pid {state.mlflow.pid}")
+    typer.echo(f"state: {state.database_url or 'the workspace SQLite files'}; logs: {workspace / 'servers'}")
+    typer.echo("`fusion run` with this workspace now uses them; `fusion server stop` stops them")
+
+
+@server_app.command("status")
+def server_status_cmd(config: Optional[Path] = typer.Argument(None, help=CONFIG_FOR_WORKSPACE),
+                      json_out: bool = typer.Option(False, "--json")) -> None:
+    """Say whether the workspace's servers run (exit 0), or are partly down or stopped (exit 3)."""
+    from flows.servers import server_status
+
+    status = server_status(_server_workspace(config))
+    if json_out:
+        typer.echo(json.dumps(status, indent=2))
+    else:
+        for name in ("prefect", "mlflow"):
+            s = status[name]
+            typer.echo(f"{name}: {s['state']}" + (f" at {s['url']} (pid {s['pid']})" if s["url"] else ""))
+        if status["database_url"]:
+            typer.echo(f"database: {status['database_url']}")
+    if not all(status[name]["state"] == "running" for name in ("prefect", "mlflow")):
+        raise typer.Exit(3)
+
+
+@server_app.command("stop")
+def server_stop(config: Optional[Path] = typer.Argument(None, help=CONFIG_FOR_WORKSPACE)) -> None:
+    """Stop the workspace's servers (SIGTERM, SIGKILL after 15 s); nothing running is no error."""
+    from flows.servers import stop_servers
+
+    stopped = stop_servers(_server_workspace(config))
+    typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "no servers were running")
+
+
 def main() -> None:
     try:
         app()

@@ -33,3 +33,8 @@ def apply_defaults(workspace: Path | None = None) -> None:
         os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(workspace / "prefect" / "results"))
         # Prefect creates its home without parents; the workspace may not exist yet.
         Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+        # While `fusion server start` runs for this workspace, talk to its servers.
+        from flows.servers import server_environment
+
+        for k, v in server_environment(workspace).items():
+            os.environ.setdefault(k, v)

@@ -240,6 +240,49 @@ class TrainingConfig(Section):
     processes: int = Field(1, ge=1, description="training processes (ranks) on this machine; more than 1 starts "
                                                 "them with torchrun, each with threads (else cores / processes) "
                                                 "torch threads")
+    # The multi-node fields are left out of the dumped config at their defaults, so that the stage
+    # keys of one-machine configs stay what they were; node_rank always is: every node of one
+    # training must compute the same stage keys (the same work folder on the shared workspace).
+    nnodes: int = Field(1, ge=1, exclude_if=lambda v: v == 1,
+                        description="machines taking part in the training, each starting `processes` ranks with "
+                                    "torchrun (also when processes is 1); they must see the workspace at the "
+                                    "same path (a shared file system: every rank writes its checkpoint shard)")
+    node_rank: int = Field(0, ge=0, exclude=True,
+                           description="this machine's place among the nnodes, 0 .. nnodes-1 (a --set per node); "
+                                       "node 0 holds global rank 0, which writes the model, and runs the rest of "
+                                       "the pipeline. Not part of the dumped config or of any stage key")
+    rdzv_endpoint: str | None = Field(None, exclude_if=lambda v: v is None,
+                                      description="host:port where node 0 serves the rendezvous (torchrun's static "
+                                                  "rendezvous: the host is node 0's address, the port free there, "
+                                                  "e.g. 29500); required when nnodes > 1, ignored with one node")
+
+    @field_validator("rdzv_endpoint")
+    @classmethod
+    def _host_port(cls, v: str | None) -> str | None:
+        import re
+
+        if v is None:
+            return v
+        m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?):(\d{1,5})", v)
+        if not m or not 1 <= int(m.group(3)) <= 65535:
+            raise ValueError(f"must be host:port of node 0 (e.g. node0.cluster:29500 or 10.0.0.4:29500), not {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _nodes(self) -> "TrainingConfig":
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank {self.node_rank} must be less than nnodes {self.nnodes}: nodes are "
+                             f"numbered 0 .. {self.nnodes - 1}")
+        if self.nnodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError(f"rdzv_endpoint is required when nnodes is {self.nnodes}: host:port where node 0 "
+                             f"serves the rendezvous, the same on every node (e.g. node0.cluster:29500)")
+        return self
+
+    @property
+    def torchrun(self) -> bool:
+        """Whether the ranks are started by torchrun (more than one process, or more than one node)
+        rather than trained in the calling process."""
+        return self.processes > 1 or self.nnodes > 1
 
 
 class AdaptiveConfig(Section):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -11,18 +12,26 @@ from fusion_core.config import PipelineConfig, flatten
 from fusion_core.evaluation import sanitize_metric_name
 
 
+SERVER_URI_VARIABLE = "FUSION_TRACKING_URI"
+
+
 def tracking_uri(cfg: PipelineConfig) -> str:
-    """The config's tracking URI, or the embedded default: a SQLite file inside the workspace."""
+    """The config's tracking URI, else $FUSION_TRACKING_URI (the workspace's `fusion server`, set
+    by flows.env.apply_defaults while it runs), else the embedded default: a SQLite file inside
+    the workspace. Not $MLFLOW_TRACKING_URI: mlflow.set_tracking_uri() writes that variable, so
+    in a process that ran one pipeline it names that pipeline's store."""
     if cfg.tracking.tracking_uri:
         return cfg.tracking.tracking_uri
+    if os.environ.get(SERVER_URI_VARIABLE):
+        return os.environ[SERVER_URI_VARIABLE]
     db = cfg.workspace.root / "mlflow" / "mlflow.db"
     db.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{db}"
 
 
 def artifact_location(cfg: PipelineConfig) -> str | None:
-    if cfg.tracking.tracking_uri:
-        return None  # the server decides
+    if cfg.tracking.tracking_uri or os.environ.get(SERVER_URI_VARIABLE):
+        return None  # the server decides (`fusion server`: <workspace>/mlflow/artifacts/<experiment id>)
     return (cfg.workspace.root / "mlflow" / "artifacts").as_uri()
 
 
