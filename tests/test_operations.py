@@ -87,6 +87,13 @@ def test_rerun_finishes_a_failed_run_reusing_its_stages_and_resuming_training(tm
     assert client.get_run(summary["run_id"]).data.tags["rerun_of"] == failed.info.run_id
     assert client.get_run(failed.info.run_id).data.tags["rerun_by"] == summary["run_id"]
 
+    # --from recomputes the stage it names and the ones after it, nothing upstream.
+    res = runner.invoke(app, ["run", str(path), "--from", "teacher_inference", "--json"])
+    assert res.exit_code == 0, res.output
+    assert _stage_states(client, json.loads(res.stdout)["run_id"]) == {
+        "prepare_data": "true", "align_vocabularies": "true", "teacher_inference": "false",
+        "fusion_training": "false", "evaluate": "false"}
+
     # Bad input: a finished run, a stage run, an unknown id; each a one-line error, nothing run.
     before = len(_pipeline_runs(client))
     res = runner.invoke(app, ["rerun", summary["run_id"], str(path)])
