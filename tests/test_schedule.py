@@ -69,6 +69,19 @@ def test_a_scheduled_run_executes_and_reuses_every_stage(served_pipeline, tmp_pa
     assert row["schedules"] == ["every 10 s"] and row["active"] and row["runs_on"] == "fusion serve"
     assert Path(row["config"]).is_file()  # the resolved config, kept in the workspace
 
+    # On a work pool: refused while the pool does not exist, listed as the pool's once it does.
+    missing = _fusion("schedule", str(config), "--cron", "0 3 * * *", "--work-pool", "tiny-pool", env=env)
+    assert missing.returncode == 1 and "no work pool 'tiny-pool'" in missing.stderr
+    pool = subprocess.run([str(FUSION.parent / "prefect"), "work-pool", "create", "tiny-pool", "--type", "process"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert pool.returncode == 0, pool.stderr
+    pooled = _fusion("schedule", str(config), "--cron", "0 3 * * *", "--name", "tiny-nightly", "--work-pool",
+                     "tiny-pool", env=env)
+    assert pooled.returncode == 0 and "run by workers of work pool 'tiny-pool'" in pooled.stdout, pooled.stderr
+    rows = {r["name"]: r for r in json.loads(_fusion("schedules", str(config), "--json", env=env).stdout)}
+    assert rows["fusion_pipeline/tiny-nightly"]["runs_on"] == "work pool tiny-pool"
+    assert rows["fusion_pipeline/tiny-nightly"]["schedules"] == ["cron 0 3 * * *"]
+
     log = (tmp_path / "serve.log").open("w")
     serve = subprocess.Popen([str(FUSION), "serve", str(config), "--limit", "1"], env=env, stdout=log,
                              stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
