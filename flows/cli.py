@@ -111,10 +111,14 @@ def run(config: Path = typer.Argument(..., help="pipeline YAML"),
             summary = run_pipeline(write_resolved_config(cfg) if overrides else config, from_stage)
     except Exception as exc:
         _fail(exc)
+    _show(summary, json_out)
+
+
+def _show(summary: dict, json_out: bool) -> None:
     if json_out:
         typer.echo(json.dumps(summary, indent=2))
-        return
-    _print_summary(summary)
+    else:
+        _print_summary(summary)
 
 
 @app.command()
@@ -142,11 +146,9 @@ def rerun(run_id: str = typer.Argument(..., help="the MLflow run id of a failed 
             summary = run_pipeline(resolved, rerun_of=run_id)
     except Exception as exc:
         _fail(exc)
-    if json_out:
-        typer.echo(json.dumps(summary, indent=2))
-        return
-    _print_summary(summary)
-    typer.echo(f"rerun of {run_id}: MLflow run {summary['run_id']}")
+    _show(summary, json_out)
+    if not json_out:
+        typer.echo(f"rerun of {run_id}: MLflow run {summary['run_id']}")
 
 
 @app.command()

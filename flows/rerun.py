@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from flows.servers import process_alive
 from fusion_core.errors import FusionError
 
 
@@ -19,14 +20,8 @@ def _alive_here(tags: dict) -> bool:
     if tags.get("host") != socket.gethostname() or not tags.get("pid", "").isdigit():
         return False
     pid = int(tags["pid"])
-    if pid == os.getpid():
+    if pid == os.getpid() or not process_alive(pid):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     try:  # a pid reused by something else is not our pipeline
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:

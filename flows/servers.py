@@ -180,7 +180,7 @@ def _start_ticks(pid: int) -> int | None:
     return int(fields[19]) if fields and len(fields) > 19 else None
 
 
-def _alive(pid: int, start_ticks: int | None = None) -> bool:
+def process_alive(pid: int, start_ticks: int | None = None) -> bool:
     """Whether process `pid` runs (a zombie does not), and is the one started at `start_ticks`."""
     proc = _started.get(pid)
     if proc is not None and proc.poll() is not None:
@@ -220,7 +220,7 @@ def _owns_group(server: ServerProcess) -> bool:
     """Whether the process group led by the server's pid is still the server's: its leader runs
     with the recorded start time, or the leader is gone and only its workers are left (a pid is
     not handed out again while it names a live process group)."""
-    if _alive(server.pid, server.start_ticks):
+    if process_alive(server.pid, server.start_ticks):
         return True
     return _proc_stat(server.pid) is None or server.pid in _started
 
@@ -388,7 +388,7 @@ def start_servers(workspace: Path, *, prefect_port: int = 4200, mlflow_port: int
     stopped then, and no servers.json is written)."""
     workspace = Path(workspace).resolve()
     running = read_state(workspace)
-    if running is not None and any(_alive(s.pid, s.start_ticks) for s in (running.prefect, running.mlflow)):
+    if running is not None and any(process_alive(s.pid, s.start_ticks) for s in (running.prefect, running.mlflow)):
         raise FusionError(f"servers already run for workspace {workspace} (Prefect at {running.prefect.url}, "
                           f"MLflow at {running.mlflow.url}): `fusion server stop` first")
     if prefect_port == mlflow_port:
@@ -434,7 +434,7 @@ def _wait_healthy(servers: list[ServerProcess], timeout_s: float) -> None:
         for server in list(waiting):
             if _answers(server.health_url):
                 waiting.remove(server)
-            elif not _alive(server.pid):
+            elif not process_alive(server.pid):
                 code = _started[server.pid].returncode if server.pid in _started else "?"
                 raise FusionError(f"the {server.name} server exited (code {code}) while starting (its log: "
                                   f"{server.log})\n{_log_tail(Path(server.log))}")
@@ -449,7 +449,7 @@ def _wait_healthy(servers: list[ServerProcess], timeout_s: float) -> None:
 def _describe(server: ServerProcess | None) -> dict:
     if server is None:
         return {"state": "stopped", "url": None, "pid": None, "port": None}
-    if not _alive(server.pid, server.start_ticks):
+    if not process_alive(server.pid, server.start_ticks):
         state = "stopped"
     else:
         state = "running" if _answers(server.health_url) else "unhealthy"
@@ -490,6 +490,6 @@ def server_environment(workspace: Path) -> dict[str, str]:
     if state is None:
         return {}
     for server in (state.prefect, state.mlflow):
-        if not (_alive(server.pid, server.start_ticks) and _answers(server.health_url)):
+        if not (process_alive(server.pid, server.start_ticks) and _answers(server.health_url)):
             return {}
     return {"PREFECT_API_URL": state.prefect_api_url, "FUSION_TRACKING_URI": state.mlflow.url}
