@@ -132,7 +132,8 @@ def select_metrics(rows: list[dict], patterns: list[str] | None, *, headline_onl
     if patterns:
         names = [m for m in names if any(p in m for p in patterns)]
     elif headline_only:
-        names = [m for m in names if m.endswith(HEADLINE) or m == "interference"]
+        names = [m for m in names if m in ("interference", "interference.tasks_hurt")
+                 or (m.endswith(HEADLINE) and not m.startswith("interference."))]
     return sorted(names, key=lambda m: (m.startswith("interference"), not m.startswith("ppl."), m))
 
 
@@ -180,8 +181,8 @@ def write_report(rows: list[dict], metrics: list[str], out: Path, fmt_: str, *, 
     table = {r["id"]: r["metrics"] for r in rows}
     ids = [r["id"] for r in rows]
     names = column_names(rows)
-    chart = bar_chart(out.with_suffix(".png"), table, ids, [m for m in metrics if m.endswith(HEADLINE)
-                                                            or m == "interference"] or metrics[:9],
+    charted = [m for m in metrics if m == "interference" or (m.endswith(HEADLINE) and not m.startswith("interference."))]
+    chart = bar_chart(out.with_suffix(".png"), table, ids, charted or metrics[:9],
                       title=title, names={i: i for i in ids})
     red = reductions(rows)
     red_ids = list(red)
