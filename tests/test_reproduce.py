@@ -21,7 +21,7 @@ def test_reproduce_then_compare_and_promote(tmp_path, tiny_models, prefect_harne
     args = ["reproduce", str(path), "--json"] + [a for v in VARIANTS for a in ("--variant", v)]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    out = json.loads(result.output[result.output.index("{"):])
+    out = json.loads(result.stdout)
     runs = out["results"]
     # References first; stages 1-3 computed by the first run only, shared by all the others.
     assert [r["variant"] for r in runs] == VARIANTS
@@ -64,12 +64,12 @@ def test_reproduce_then_compare_and_promote(tmp_path, tiny_models, prefect_harne
     # compare: versions side by side, the best value per row marked, as JSON, markdown and HTML.
     res = runner.invoke(app, ["compare", str(path), "--format", "json"])
     assert res.exit_code == 0, res.output
-    compared = json.loads(res.output)
+    compared = json.loads(res.stdout)
     assert len(compared["rows"]) == len(VARIANTS) and "interference" not in compared["metrics"]  # not shared by refs
     assert any(m.startswith("ppl.") for m in compared["metrics"])
     res = runner.invoke(app, ["compare", str(path), "--runs", "--format", "json"])
     assert res.exit_code == 0, res.output
-    pipeline_runs = json.loads(res.output)["rows"]  # the experiment's pipeline runs, not the reproduce run
+    pipeline_runs = json.loads(res.stdout)["rows"]  # the experiment's pipeline runs, not the reproduce run
     assert sorted(r["run_id"] for r in pipeline_runs) == sorted(r["run_id"] for r in runs)
     md = tmp_path / "cmp.md"
     res = runner.invoke(app, ["compare", str(path), "--format", "markdown", "--out", str(md)])
