@@ -242,11 +242,16 @@ def _print_summary(s: dict) -> None:
     for k, v in sorted(s["metrics"].items()):
         if any(part in k for part in shown) and "stderr" not in k and not k.startswith("interference."):
             metrics.add_row(k, f"{v:.4f}")
-    if "interference" in s["metrics"]:
-        m = s["metrics"]
-        metrics.add_row("interference (vs the best reference per task)",
-                        f"{m['interference']:.4f} ({m.get('interference.tasks_hurt', 0):.0f} of "
-                        f"{m.get('interference.tasks', 0):.0f} tasks hurt)")
+    m = s["metrics"]
+    for unit, words, scale in (("bpb", "bits per byte, mean relative drop", 1.0),
+                               ("acc", "accuracy, mean drop in points", 100.0)):
+        name = f"interference.{unit}"
+        if name in m:
+            interval = (f" [{m[name + '.lo'] * scale:.4g}, {m[name + '.hi'] * scale:.4g}]"
+                        if name + ".lo" in m and name + ".hi" in m else "")
+            metrics.add_row(f"interference, {words} (vs the best of the reference set per task)",
+                            f"{m[name] * scale:.4g}{interval} ({m.get(name + '.tasks_hurt', 0):.0f} of "
+                            f"{m.get(name + '.tasks', 0):.0f} tasks hurt)")
     console.print(metrics)
     if s.get("report"):
         console.print(f"Evaluation report: {s['report'].get('markdown')}")
@@ -380,6 +385,51 @@ def reproduce(config: Path = typer.Argument(..., help="pipeline YAML"),
         with _stdout_for(json_out):
             result = fusion_reproduce(str(config.resolve()), seeds=list(seeds or []) or None,
                                       variants=list(variants or []) or None, overrides=list(overrides or []))
+    except Exception as exc:
+        _fail(exc)
+    if json_out:
+        typer.echo(json.dumps(result, indent=2, default=str))
+        return
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    Console().print(Markdown(Path(result["report"]).read_text()))
+    typer.echo(f"report: {result['report']}  ({result['seconds'] / 60:.1f} min; MLflow run {result['run_id']})")
+
+
+@app.command()
+def study(config: Path = typer.Argument(..., help="pipeline YAML"),
+          seeds: Optional[list[int]] = typer.Option(None, "--seed", help="seeds of the final runs (repeatable; "
+                                                                         "default 0 1 2 3 4); the first also tunes"),
+          variants: Optional[list[str]] = typer.Option(
+              None, "--variant", help="repeatable; default: clm, single:<each source>, min_ce, avg_ce, uniform, "
+                                      "adaptive, adaptive:kd, adaptive:confidence"),
+          tune: str = typer.Option("fusion.training.learning_rate=1e-3,3e-3", "--tune",
+                                   help="the tuning grid every variant gets on validation: dotted.key=v1,v2,... "
+                                        "(none: no tuning)"),
+          resamples: int = typer.Option(1000, "--resamples", min=100, help="bootstrap resamples of every interval"),
+          json_out: bool = typer.Option(False, "--json", help="print the analysis as JSON"),
+          overrides: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP)) -> None:
+    """Does adaptive selection beat FuseLLM? Tune every strategy alike on validation, run each at its best
+    setting for every seed, report on test with intervals, paired differences and routing; resumable."""
+    cfg = _load(config, overrides=overrides)
+    from flows.env import apply_defaults
+
+    apply_defaults(cfg.workspace.root)
+    try:
+        from flows.study import default_variants, fusion_study, parse_tuning, plan_run
+
+        grid = parse_tuning(tune)
+        chosen = list(variants or []) or default_variants(cfg)
+        for v in chosen:   # every variant's configs are checked before anything runs
+            for i in range(len(grid)):
+                plan_run(config, list(overrides or []), "tune", v, (seeds or [0])[0], i, grid)
+        if not _state["debug"]:
+            _quiet_tracebacks()
+        with _stdout_for(json_out):
+            result = fusion_study(str(config.resolve()), seeds=list(seeds or []) or None,
+                                  variants=list(variants or []) or None, tune=tune, overrides=list(overrides or []),
+                                  resamples=resamples)
     except Exception as exc:
         _fail(exc)
     if json_out:

@@ -21,6 +21,7 @@ from fusion_core.reporting import (
 )
 
 HEADLINE = (".bits_per_byte", ".acc_norm", ".exact_match.strict-match", "humaneval.pass_at_1")
+INTERFERENCE_UNITS = {"interference.bpb": "bits per byte", "interference.acc": "accuracy"}
 _BOOKKEEPING = (".n_samples", ".documents", ".tokens", ".bytes", ".nll_per_token", ".references", ".tasks")
 
 
@@ -132,7 +133,7 @@ def select_metrics(rows: list[dict], patterns: list[str] | None, *, headline_onl
     if patterns:
         names = [m for m in names if any(p in m for p in patterns)]
     elif headline_only:
-        names = [m for m in names if m in ("interference", "interference.tasks_hurt")
+        names = [m for m in names if m in (*INTERFERENCE_UNITS, "interference.tasks_hurt")
                  or (m.endswith(HEADLINE) and not m.startswith("interference."))]
     return sorted(names, key=lambda m: (m.startswith("interference"), not m.startswith("ppl."), m))
 
@@ -166,9 +167,10 @@ def render_terminal(rows: list[dict], metrics: list[str]) -> None:
     Console(width=max(100, 30 + 16 * len(ids))).print(table)
 
 
-def reductions(rows: list[dict]) -> dict[str, dict[str, float]]:
-    """`{a: {b: 1 - I(a)/I(b)}}` for the models with a measured interference."""
-    values = {r["id"]: r["metrics"].get("interference") for r in rows}
+def reductions(rows: list[dict], metric: str = "interference.bpb") -> dict[str, dict[str, float]]:
+    """`{a: {b: 1 - I(a)/I(b)}}` for the models with a measured interference `metric` (one unit:
+    interference.bpb or interference.acc; point values, the intervals need the items)."""
+    values = {r["id"]: r["metrics"].get(metric) for r in rows}
     have = [i for i, v in values.items() if v is not None]
     return {a: {b: red for b in have if b != a and (red := reduction(values[a], values[b])) is not None}
             for a in have}
@@ -181,25 +183,30 @@ def write_report(rows: list[dict], metrics: list[str], out: Path, fmt_: str, *, 
     table = {r["id"]: r["metrics"] for r in rows}
     ids = [r["id"] for r in rows]
     names = column_names(rows)
-    charted = [m for m in metrics if m == "interference" or (m.endswith(HEADLINE) and not m.startswith("interference."))]
+    charted = [m for m in metrics if m in INTERFERENCE_UNITS or (m.endswith(HEADLINE) and not m.startswith("interference."))]
     chart = bar_chart(out.with_suffix(".png"), table, ids, charted or metrics[:9],
                       title=title, names={i: i for i in ids})
-    red = reductions(rows)
-    red_ids = list(red)
+    per_unit = {metric: reductions(rows, metric) for metric in INTERFERENCE_UNITS}
     if fmt_ == "html":
         body = html_table(table, ids, metrics, names=names)
-        if len(red_ids) > 1:
-            body += "<h2>Interference reduction (1 - I(row) / I(column))</h2>" + html_table(
-                {b: {a: red[a].get(b) for a in red_ids} for b in red_ids}, red_ids, red_ids, label="model",
-                names=names).replace(BEST_MARK, "")
+        for metric, red in per_unit.items():
+            red_ids = list(red)
+            if len(red_ids) > 1:
+                body += f"<h2>Interference reduction, {INTERFERENCE_UNITS[metric]} (1 - I(row) / I(column))</h2>" + \
+                    html_table({b: {a: red[a].get(b) for a in red_ids} for b in red_ids}, red_ids, red_ids,
+                               label="model", names=names).replace(BEST_MARK, "")
         body += f'<h2>Chart</h2><img src="{chart.name}" alt="chart">'
         out.write_text(html_page(title, body))
         return out
     lines = [f"# {title}", "", f"{BEST_MARK} marks the best value of each row; ↓ lower is better, ↑ higher.", "",
              markdown_table(table, ids, metrics, names=names), ""]
-    if len(red_ids) > 1:
-        lines += ["## Interference reduction", "", "1 - interference(row) / interference(column): the share of the "
-                  "column's interference that the row avoids.", "",
+    for metric, red in per_unit.items():
+        red_ids = list(red)
+        if len(red_ids) < 2:
+            continue
+        lines += [f"## Interference reduction, {INTERFERENCE_UNITS[metric]}", "",
+                  f"1 - {metric}(row) / {metric}(column): the share of the column's interference that the row "
+                  "avoids (point values; `fusion reproduce` gives their bootstrap intervals).", "",
                   "| model | " + " | ".join(red_ids) + " |", "|---|" + "---|" * len(red_ids)]
         lines += [f"| {a} | " + " | ".join("-" if a == b or b not in red[a] else f"{red[a][b]:.1%}" for b in red_ids)
                   + " |" for a in red_ids]

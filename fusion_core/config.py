@@ -138,11 +138,14 @@ class CorpusConfig(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     domain: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     path: Path | None = None
-    builtin: str | None = Field(None, pattern=r"^demo:(prose|code|arithmetic)$",
-                                description="a corpus the project generates: 'demo:prose', 'demo:code', 'demo:arithmetic'")
+    builtin: str | None = Field(None, pattern=r"^demo:(prose|code|arithmetic|mixed)$",
+                                description="a corpus the project generates: 'demo:prose', 'demo:code', "
+                                            "'demo:arithmetic', 'demo:mixed' (documents that switch domain inside)")
     format: Literal["auto", "jsonl", "parquet", "text"] = "auto"
     text_field: str = "text"
     max_documents: int | None = Field(None, gt=0)
+    heldout: bool = Field(False, description="its documents go only to validation and test, never to train: "
+                                             "no teacher scores them and no training step sees them")
 
     @field_validator("path")
     @classmethod
@@ -165,12 +168,32 @@ class DataConfig(Section):
     corpora: list[CorpusConfig] = Field(min_length=1)
     max_length: int = Field(256, ge=16, description="tokens per chunk, in EVERY tokenizer involved")
     min_chars: int = Field(20, ge=1, description="drop documents shorter than this after cleaning")
-    validation_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    validation_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of documents for every choice")
+    test_fraction: float = Field(0.15, ge=0.0, lt=1.0,
+                                 description="share of documents reported once, touched by no choice")
     seed: int = 0
+
+    @field_validator("test_fraction")
+    @classmethod
+    def _room_for_training(cls, v: float, info: ValidationInfo) -> float:
+        val = info.data.get("validation_fraction")
+        if val is not None and val + v >= 1.0:
+            raise ValueError(f"validation_fraction + test_fraction must be below 1 (got {val} + {v}): "
+                             "nothing would be left for training")
+        return v
 
     @model_validator(mode="after")
     def _unique(self) -> "DataConfig":
         _require_unique("corpus", [c.name for c in self.corpora])
+        return self
+
+    @model_validator(mode="after")
+    def _heldout_corpora(self) -> "DataConfig":
+        held = [c.name for c in self.corpora if c.heldout]
+        if held and len(held) == len(self.corpora):
+            raise ValueError("every corpus is held out (heldout: true): at least one must feed training")
+        if held and self.validation_fraction + self.test_fraction == 0:
+            raise ValueError(f"held-out corpora {held} need validation_fraction + test_fraction > 0")
         return self
 
 
@@ -236,6 +259,9 @@ class TrainingConfig(Section):
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
     seed: int = 0
+    reinit_target: bool = Field(False, description="re-initialise the target's weights from seed before training "
+                                                   "(for a target that is a random initialisation, like the demo's: "
+                                                   "then a seed varies the initialisation, not only the data order)")
     threads: int | None = Field(None, ge=1, description="torch threads per training process")
     processes: int = Field(1, ge=1, description="training processes (ranks) on this machine; more than 1 starts "
                                                 "them with torchrun, each with threads (else cores / processes) "
@@ -295,21 +321,55 @@ class AdaptiveConfig(Section):
     objective: Literal["likelihood", "kd"] = Field(
         "likelihood", description="what trains the selector: the fused distribution's likelihood of the true next "
                                   "token ('likelihood'), or L_KD as in the paper ('kd'); plus beta * feedback")
-    scores: Literal["sequence", "token"] = Field(
-        "sequence", description="selector input: per-sequence scores exp(-CE), or per position")
+    scores: Literal["sequence", "confidence", "oracle_token"] = Field(
+        "sequence", description="selector input: the standardised NLL per byte of each source on the sequence "
+                                "('sequence'); beside it, per position, each source's own confidence (log of its "
+                                "highest probability, label-free: 'confidence'), or its probability of the true "
+                                "next token ('oracle_token': it looks at the label, an upper bound for ablations "
+                                "only; needs oracle_ablation: true)")
+    oracle_ablation: bool = Field(False, description="allow scores: oracle_token (a gate input that sees the label)")
+    feedback_target: Literal["uniform", "data"] = Field(
+        "data", description="what the feedback loss balances the sources' importance toward: uniform, or the data's "
+                            "mix (the share of training documents each source is best on, by NLL per byte), so "
+                            "that routing each domain to its source is not pushed toward uniform mixing")
+    feedback_window: int = Field(256, ge=1, description="sequences over which the importance is balanced (a "
+                                                        "running window across micro-batches and optimizer steps)")
     learning_rate: float | None = Field(
-        1e-2, gt=0, description="peak learning rate of the selection network, without weight decay; the training "
-                                "schedule scales it too. null: the student's, with its weight decay (at 1e-3 the "
-                                "selector barely moves from its initialisation in the demo's 300 steps)")
+        None, gt=0, description="peak learning rate of the selection network, without weight decay; the training "
+                                "schedule scales it too. null: the student's, with its weight decay")
+
+    @field_validator("scores", mode="before")
+    @classmethod
+    def _renamed_token(cls, v):
+        if v == "token":
+            raise ValueError("'token' fed each source's probability of the TRUE next token to the gate, which is "
+                             "an oracle; it is now 'oracle_token' (ablations only, with oracle_ablation: true). "
+                             "The label-free per-token score is 'confidence'")
+        return v
+
+    @model_validator(mode="after")
+    def _oracle_only_in_ablations(self) -> "AdaptiveConfig":
+        if self.scores == "oracle_token" and not self.oracle_ablation:
+            raise ValueError("scores: oracle_token feeds the gate the true next token's probability (an oracle): "
+                             "set oracle_ablation: true to run it as an ablation, or use 'confidence'")
+        return self
 
 
 class FusionConfig(Section):
-    strategy: Literal["adaptive", "min_ce", "avg_ce", "single", "clm", "reference"] = "min_ce"
+    strategy: Literal["adaptive", "min_ce", "avg_ce", "uniform", "single", "clm", "reference"] = "min_ce"
     single_source: str | None = Field(None, description="the source used by strategy 'single'")
     clm_weight: float = Field(0.9, ge=0, le=1, description="lambda in lambda*L_CLM + (1-lambda)*L_KD")
-    temperature: float = Field(1.0, gt=0)
     adaptive: AdaptiveConfig = AdaptiveConfig()
     training: TrainingConfig = TrainingConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _temperature_once(cls, data):
+        if isinstance(data, dict) and "temperature" in data:
+            raise ValueError("fusion.temperature is gone: it applied the temperature a second time on top of "
+                             "teacher.temperature. The temperature is applied once, when the teachers score: "
+                             "set teacher.temperature")
+        return data
 
 
 class HumanEvalConfig(Section):
@@ -335,6 +395,9 @@ class EvaluationConfig(Section):
     num_fewshot: int | None = Field(None, ge=0)
     batch_size: int = Field(8, ge=1)
     perplexity: bool = True
+    split: Literal["validation", "test"] = Field(
+        "validation", description="the prepared documents held-out perplexity is computed on: validation (for "
+                                  "every choice) or test (reported once)")
     humaneval: HumanEvalConfig = HumanEvalConfig()
     device: str = "auto"
     references: list[Literal["target", "clm", "single", "sources"]] = Field(
@@ -349,7 +412,10 @@ class EvaluationConfig(Section):
     primary_goal: Literal["auto", "minimize", "maximize"] = Field(
         "auto", description="auto: minimize bits per byte, perplexity, NLL and loss; maximize the others")
     interference_budget: float | None = Field(0.05, ge=0, description="the most knowledge interference a "
-                                                                      "promoted model may show (None: no limit)")
+                                                                      "promoted model may show in each unit: "
+                                                                      "interference.bpb (0.05 = 5 % more bits per "
+                                                                      "byte) and interference.acc (0.05 = 5 accuracy "
+                                                                      "points) (None: no limit)")
     promotion_min_delta: float = Field(0.0, ge=0, description="how much better than the champion a "
                                                               "candidate must be on the primary metric")
 

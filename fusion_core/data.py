@@ -1,9 +1,11 @@
 """prepare_data: corpora -> cleaned, chunked, split documents with a domain label.
 
 Reads local jsonl / parquet / text folders, cleans the text, drops short and duplicate
-documents, splits whole documents deterministically into train/validation (so chunks of one
-document never straddle the split), and cuts long documents along line breaks so that every
-chunk fits `max_length` tokens (start token included) in EVERY tokenizer involved.
+documents, splits whole documents deterministically into train / validation / test (so chunks
+of one document never straddle splits; a held-out corpus reaches only validation and test),
+and cuts long documents along line breaks so that every chunk fits `max_length` tokens (start
+token included) in EVERY tokenizer involved. Validation is for every choice, test is reported
+once (METHOD.md, "Experimental protocol").
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 from fusion_core.errors import FusionError
 
@@ -209,31 +211,92 @@ def chunk_text(text: str, tokenizers: Sequence, max_tokens: int) -> list[str]:
 
 # ---------------------------------------------------------------- the stage
 
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
+
+
+class CorpusTexts(NamedTuple):
+    """One corpus's raw texts. A held-out corpus feeds only validation and test, never train."""
+
+    name: str
+    domain: str
+    texts: list[str]
+    heldout: bool = False
+
+
 def _split_value(seed: int, doc_key: str) -> float:
     h = hashlib.sha256(f"{seed}:{doc_key}".encode()).digest()
     return int.from_bytes(h[:8], "big") / 2**64
+
+
+def check_split_fractions(validation_fraction: float, test_fraction: float) -> None:
+    """Raise DataError naming the field when a fraction is outside [0, 1) or they leave nothing to train on."""
+    for field, value in (("validation_fraction", validation_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise DataError(f"{field} must be in [0, 1), got {value!r}")
+    if validation_fraction + test_fraction >= 1.0:
+        raise DataError(f"validation_fraction + test_fraction must be below 1 (got {validation_fraction!r} + "
+                        f"{test_fraction!r}): nothing would be left for training")
+
+
+def assign_split(seed: int, doc_key: str, *, validation_fraction: float, test_fraction: float,
+                 heldout: bool = False) -> str:
+    """The split of one whole document: "train", "validation" or "test", from a hash of (seed, key).
+
+    One uniform value u per document: validation when u < validation_fraction, test when
+    u < validation_fraction + test_fraction, train otherwise. A held-out document never goes to
+    train: the same u divides it between validation and test in the ratio of their fractions.
+    Raises DataError for a held-out document when both fractions are 0.
+    """
+    u = _split_value(seed, doc_key)
+    if heldout:
+        held = validation_fraction + test_fraction
+        if held <= 0.0:
+            raise DataError("a held-out corpus needs validation_fraction + test_fraction > 0")
+        return "validation" if u < validation_fraction / held else "test"
+    if u < validation_fraction:
+        return "validation"
+    if u < validation_fraction + test_fraction:
+        return "test"
+    return "train"
 
 
 @dataclass
 class PreparedCorpus:
     train: list[Document]
     validation: list[Document]
+    test: list[Document]
     stats: dict[str, float]
 
+    def split(self, name: str) -> list[Document]:
+        """The chunks of one split by name ("train", "validation" or "test")."""
+        if name not in SPLITS:
+            raise KeyError(f"unknown split {name!r}; expected one of {list(SPLITS)}")
+        return getattr(self, name)
 
-def prepare_documents(corpora: Sequence[tuple[str, str, list[str]]], *, tokenizers: Sequence, max_length: int,
-                      min_chars: int, validation_fraction: float, seed: int) -> PreparedCorpus:
+
+def prepare_documents(corpora: Sequence[CorpusTexts | tuple], *, tokenizers: Sequence, max_length: int,
+                      min_chars: int, validation_fraction: float, seed: int,
+                      test_fraction: float = 0.0) -> PreparedCorpus:
     """Clean, deduplicate, split and chunk.
 
-    corpora: (corpus name, domain, raw texts). max_length counts the start token, so chunks get
-    max_length - 1 text tokens. Raises DataError when a corpus has no usable document.
+    corpora: CorpusTexts, or (corpus name, domain, raw texts[, heldout]) tuples. Whole documents
+    are split (`assign_split`), so the chunks of one document share a split; a held-out corpus
+    reaches only validation and test. max_length counts the start token, so chunks get
+    max_length - 1 text tokens. test_fraction 0 (the default) leaves the test split empty.
+
+    Returns the chunks per split and stats: chunk, character and whole-document counts per
+    split (`<split>_chunks`, `<split>_chars`, `<split>_documents.<domain>`, ...).
+    Raises DataError for fractions outside [0, 1) or summing to 1 or more, a corpus with no
+    usable document, or no training document at all.
     """
+    check_split_fractions(validation_fraction, test_fraction)
     seen: set[str] = set()
-    train, validation = [], []
+    splits: dict[str, list[Document]] = {s: [] for s in SPLITS}
     stats: Counter = Counter()
-    for name, domain, texts in corpora:
+    for entry in corpora:
+        corpus = CorpusTexts(*entry)
         kept = 0
-        for i, raw in enumerate(texts):
+        for i, raw in enumerate(corpus.texts):
             text = clean_text(raw)
             if len(text) < min_chars:
                 stats["dropped_short"] += 1
@@ -244,22 +307,29 @@ def prepare_documents(corpora: Sequence[tuple[str, str, list[str]]], *, tokenize
                 continue
             seen.add(digest)
             kept += 1
-            doc_id = f"{name}-{i:06d}"
-            split = validation if _split_value(seed, digest) < validation_fraction else train
+            doc_id = f"{corpus.name}-{i:06d}"
+            split = assign_split(seed, digest, validation_fraction=validation_fraction, test_fraction=test_fraction,
+                                 heldout=corpus.heldout)
+            stats[f"{split}_documents.{corpus.domain}"] += 1
             for j, piece in enumerate(chunk_text(text, tokenizers, max_length - 1)):
                 if len(piece.strip()) >= min(min_chars, 8):
-                    split.append(Document(id=f"{doc_id}-{j:03d}", domain=domain, text=piece))
+                    splits[split].append(Document(id=f"{doc_id}-{j:03d}", domain=corpus.domain, text=piece))
+                    stats[f"{split}_chunks.{corpus.domain}"] += 1
         if kept == 0:
-            raise DataError(f"corpus {name!r} has no documents of at least {min_chars} characters after cleaning")
-        stats[f"documents.{domain}"] += kept
-    if not train:
-        raise DataError("no training documents: every document went to validation (lower validation_fraction)")
+            raise DataError(f"corpus {corpus.name!r} has no documents of at least {min_chars} characters "
+                            "after cleaning")
+        stats[f"documents.{corpus.domain}"] += kept
+        if corpus.heldout:
+            stats[f"heldout_documents.{corpus.domain}"] += kept
+    if not splits["train"]:
+        raise DataError("no training documents: every document went to validation or test (lower "
+                        "validation_fraction / test_fraction, or declare fewer corpora held out)")
     per_domain: dict[str, int] = defaultdict(int)
-    for d in train:
+    for d in splits["train"]:
         per_domain[d.domain] += len(d.text)
     out = dict(stats)
-    out.update({"train_chunks": len(train), "validation_chunks": len(validation),
-                "train_chars": sum(len(d.text) for d in train),
-                "validation_chars": sum(len(d.text) for d in validation)})
+    for name, docs in splits.items():
+        out[f"{name}_chunks"] = len(docs)
+        out[f"{name}_chars"] = sum(len(d.text) for d in docs)
     out.update({f"train_chars.{k}": v for k, v in per_domain.items()})
-    return PreparedCorpus(train=train, validation=validation, stats=out)
+    return PreparedCorpus(train=splits["train"], validation=splits["validation"], test=splits["test"], stats=out)

@@ -7,6 +7,12 @@
   same generator learns the style and the identifier lists; a generalist has to guess them.
 - arithmetic: worksheets of equations, column additions worked digit by digit, and word
   problems, all in lower case and all with correct answers.
+- mixed (held out: for validation and test only, METHOD.md "Experimental protocol"): documents
+  that switch domain inside, from the same generators on their own seed stream: generated code
+  whose module docstring and comments are prose paragraphs, prose with worked arithmetic between
+  its sentences, and prose around a generated function. Their prose comes from docstrings of
+  stdlib packages that neither the demo nor the training prose reads, so no paragraph of a mixed
+  document is in any other corpus. Finite: ~110 KB, so scale > ~3.5 returns all of it.
 
 Two disjoint streams come from the same generators: `write_demo_corpus` (what the fusion
 pipeline trains and evaluates on) and `specialist_training_texts` (what the specialists and the
@@ -26,22 +32,36 @@ import ast
 import hashlib
 import json
 import random
+import re
 import sysconfig
+import textwrap
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 DOMAINS: tuple[str, ...] = ("prose", "code", "arithmetic")
+# Held-out domains: demo documents only, never training text for a specialist or the tokenizer.
+HELDOUT_DOMAINS: tuple[str, ...] = ("mixed",)
+BUILTIN_DOMAINS: tuple[str, ...] = DOMAINS + HELDOUT_DOMAINS
 # Bump whenever a change here changes the text produced for some (seed, scale): caches of the
 # corpus and of the models trained on it (fusion_core.specialists) are keyed by it.
 CORPUS_VERSION = "1"
+# The same for the mixed corpus alone: no model is trained on it, so it has its own version and
+# a change to it does not retrain the specialists.
+MIXED_CORPUS_VERSION = "1"
 
 # Text per domain at scale 1.0, sized by what SmolLM2 has to score (~300 tokens/s on 2 CPU
 # cores). It reads prose at ~3.9 and code at ~3.5 characters per token but arithmetic at ~1.6
 # (every digit is a token), so arithmetic gets fewer characters: ~43k SmolLM2 tokens in all.
-DEMO_CHARS_PER_DOMAIN: dict[str, int] = {"prose": 45_000, "code": 45_000, "arithmetic": 30_000}
+# Mixed is evaluation-only (no teacher scores it), sized for a few dozen documents in each of
+# validation and test.
+DEMO_CHARS_PER_DOMAIN: dict[str, int] = {"prose": 45_000, "code": 45_000, "arithmetic": 30_000, "mixed": 36_000}
 MIN_DOC_CHARS, MAX_DOC_CHARS = 300, 1500
 MAX_ARITHMETIC_DOC_CHARS = 1000  # ~650 SmolLM2 tokens: every document fits a 1024-token context
+# Short, so that most chunks of a mixed document still switch domain: at the demo's 256 tokens the
+# arithmetic specialist's tokenizer (~1.4 characters per token) cuts them into ~2.3 chunks, and
+# 99 of the 135 chunks (seed 0) hold prose and code or arithmetic.
+MAX_MIXED_DOC_CHARS = 900
 
 _DEMO_BUCKETS = 8  # a generated document is a demo document iff its hash falls in bucket 0 of 8
 _PROSE_DEMO_BUCKETS = 2  # prose is finite: 2 of 8 stdlib modules go to the demo side
@@ -422,21 +442,122 @@ def _arithmetic_doc(rng: random.Random) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# mixed: documents that switch domain inside (held out: no model is trained on them)
+
+# Prose for mixed documents comes from the docstrings of these stdlib packages: neither the demo
+# nor the training prose reads them (both read top-level modules only), so no prose paragraph of
+# a mixed document is in any other corpus (paragraphs repeated at top level are dropped as well).
+_MIXED_PROSE_PACKAGES = (
+    "asyncio", "concurrent", "email", "html", "http", "importlib", "json", "logging", "multiprocessing",
+    "urllib", "wsgiref", "xmlrpc", "zoneinfo",
+)
+_MIXED_PARAGRAPH_CHARS = (100, 320)
+_SENTENCE_END = re.compile(r"(?<=[a-z)][.?!])\s+(?=[A-Z])")
+
+
+def _prose_paragraph_ok(p: str) -> bool:
+    """A paragraph of plain sentences: no code, markup, tables or doctest lines."""
+    lo, hi = _MIXED_PARAGRAPH_CHARS
+    return (lo <= len(p) <= hi and p[0].isupper() and p.endswith(".") and ">>>" not in p
+            and not any(line.startswith(" ") for line in p.splitlines())
+            and not re.search(r"[{}\[\]|=\\`*#:]|\"\"\"", p))
+
+
+@lru_cache(maxsize=1)
+def _mixed_prose_paragraphs() -> tuple[str, ...]:
+    """Plain-sentence paragraphs, one line each, that occur in no demo or training prose document."""
+    root = _stdlib_root()
+    seen_elsewhere = {" ".join(para.split())
+                      for _, docs in _stdlib_docstrings() for d in docs for para in d.split("\n\n")}
+    out: dict[str, None] = {}
+    for package in _MIXED_PROSE_PACKAGES:
+        files = sorted((root / package).rglob("*.py")) if (root / package).is_dir() else []
+        for path in files:
+            if {"test", "tests"} & set(path.relative_to(root).parts[:-1]):
+                continue
+            try:
+                tree = ast.parse(path.read_bytes())
+            except (SyntaxError, ValueError):
+                continue
+            for node in _documented_nodes(tree):
+                doc = ast.get_docstring(node, clean=True)
+                if not doc or not doc.isascii():
+                    continue
+                for para in doc.split("\n\n"):
+                    para = para.strip()
+                    flat = " ".join(para.split())
+                    if para and _prose_paragraph_ok(para) and flat not in seen_elsewhere:
+                        out[flat] = None
+    return tuple(out)
+
+
+def _comment_block(text: str, indent: str = "") -> str:
+    return "".join(f"{indent}# {line}\n" for line in textwrap.wrap(text, 76 - len(indent)))
+
+
+def _mixed_code_with_prose(rng: random.Random, prose: list[str]) -> str:
+    """A generated module whose docstring and comments are prose paragraphs."""
+    module = _CodeModule(rng)
+    functions = [getattr(module, name)()[0] for name in rng.sample(module.TEMPLATES, rng.randint(1, 2))]
+    intro = textwrap.fill(prose.pop(), 76)
+    body = module.header().replace("from dataclasses import dataclass\n", "", 1).lstrip("\n")
+    parts = [f'"""{intro}\n"""\nfrom dataclasses import dataclass\n\n\n{body}']
+    for i, src in enumerate(functions):
+        parts.append((_comment_block(prose.pop()) if i == 0 else "") + src)
+    return "\n\n".join(parts)
+
+
+def _mixed_prose_with_arithmetic(rng: random.Random, prose: list[str]) -> str:
+    """Prose paragraphs with worked arithmetic (word problems, sums, column additions) between sentences."""
+    items = (_word_problem, _column_addition, lambda r: f"for example, {_equation(r)}.")
+    paragraphs = []
+    for _ in range(rng.randint(1, 2)):
+        sentences = _SENTENCE_END.split(prose.pop())
+        for _ in range(rng.randint(1, 2)):
+            sentences.insert(rng.randint(1, len(sentences)), rng.choice(items)(rng))
+        paragraphs.append(" ".join(sentences))
+    return "\n\n".join(paragraphs) + "\n"
+
+
+def _mixed_prose_with_code(rng: random.Random, prose: list[str]) -> str:
+    """A prose paragraph, a function that illustrates it, and another paragraph."""
+    module = _CodeModule(rng)
+    src = getattr(module, rng.choice(module.TEMPLATES))()[0]
+    return f"{textwrap.fill(prose.pop(), 76)}\n\n{src}\n{textwrap.fill(prose.pop(), 76)}\n"
+
+
+_MIXED_KINDS = (_mixed_code_with_prose, _mixed_prose_with_arithmetic, _mixed_prose_with_code)
+
+
+def _mixed_docs(rng: random.Random) -> Iterator[str]:
+    """Mixed documents until the prose paragraphs run out; each paragraph is used once."""
+    pool = list(_mixed_prose_paragraphs())
+    rng.shuffle(pool)
+    while len(pool) >= 4:
+        doc = rng.choice(_MIXED_KINDS)(rng, pool)  # takes (pops) at most 2 paragraphs
+        if MIN_DOC_CHARS <= len(doc) <= MAX_MIXED_DOC_CHARS and doc.isascii():
+            yield doc
+
+
+# ----------------------------------------------------------------------------------------------
 # streams
 
 _GENERATORS: dict[str, Callable[[random.Random], str]] = {"code": _code_doc, "arithmetic": _arithmetic_doc}
 
 
-def _check_domain(domain: str) -> None:
-    if domain not in DOMAINS:
-        raise ValueError(f"unknown demo domain {domain!r}; expected one of {list(DOMAINS)}")
+def _check_domain(domain: str, domains: tuple[str, ...] = BUILTIN_DOMAINS) -> None:
+    if domain not in domains:
+        raise ValueError(f"unknown demo domain {domain!r}; expected one of {list(domains)}")
 
 
 def _documents(domain: str, *, seed: int, demo: bool) -> Iterator[str]:
-    """An endless (prose: pool-sized) stream of documents of one domain, demo or training side."""
-    _check_domain(domain)
+    """An endless (prose, mixed: pool-sized) stream of documents of one domain, demo or training side."""
+    _check_domain(domain, BUILTIN_DOMAINS if demo else DOMAINS)
     stream = "demo" if demo else "train"
     rng = random.Random(f"llm-fusion:{stream}:{domain}:{seed}")
+    if domain == "mixed":
+        yield from _mixed_docs(rng)
+        return
     if domain == "prose":
         yield from _prose_docs(rng, demo)
         return
@@ -463,18 +584,22 @@ def demo_documents(domain: str, *, seed: int = 0, scale: float = 1.0) -> list[st
     return _take(_documents(domain, seed=seed, demo=True), int(DEMO_CHARS_PER_DOMAIN[domain] * scale))
 
 
-def write_demo_corpus(out_dir: Path, *, seed: int = 0, scale: float = 1.0) -> dict[str, Path]:
-    """Write prose.jsonl, code.jsonl and arithmetic.jsonl (lines of {"text": ...}) under out_dir.
+def write_demo_corpus(out_dir: Path, *, seed: int = 0, scale: float = 1.0,
+                      domains: Sequence[str] = DOMAINS) -> dict[str, Path]:
+    """Write `<domain>.jsonl` (lines of {"text": ...}) under out_dir for each of `domains`:
+    by default prose, code and arithmetic; "mixed" (BUILTIN_DOMAINS) on request.
 
     Deterministic for (seed, scale) on a given Python version. Returns {domain: path}.
-    Raises ValueError when scale is not positive.
+    Raises ValueError when scale is not positive or a domain is unknown.
     """
     if not scale > 0:
         raise ValueError(f"scale must be positive, got {scale!r}")
+    for domain in domains:
+        _check_domain(domain)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for domain in DOMAINS:
+    for domain in domains:
         path = out_dir / f"{domain}.jsonl"
         body = "".join(json.dumps({"text": d}, ensure_ascii=True) + "\n" for d in demo_documents(domain, seed=seed, scale=scale))
         tmp = path.with_name(path.name + ".partial")
@@ -488,6 +613,15 @@ def specialist_training_texts(domain: str, *, seed: int, n_chars: int) -> list[s
     """Training documents of `domain`, about n_chars in all, never a document of any demo corpus.
 
     Prose is finite (the training side of the stdlib docstrings, a few MB): a larger request
-    returns all of it. Raises ValueError for an unknown domain.
+    returns all of it. Raises ValueError for an unknown domain, and for "mixed", which is held
+    out: nothing is trained on it.
     """
+    if domain in HELDOUT_DOMAINS:
+        raise ValueError(f"demo domain {domain!r} is held out: it has no training texts")
     return _take(_documents(domain, seed=seed, demo=False), n_chars)
+
+
+def builtin_corpus_version(domain: str) -> str:
+    """The version of the generator of one builtin domain (what a cache of its text must be keyed by)."""
+    _check_domain(domain)
+    return MIXED_CORPUS_VERSION if domain == "mixed" else CORPUS_VERSION

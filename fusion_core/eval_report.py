@@ -1,14 +1,16 @@
 """The evaluate stage's report: every evaluated model's scores, the candidate's knowledge
-interference against its references, failures and reuse, as markdown, JSON and a PNG chart."""
+interference against the reference set (per unit, with bootstrap intervals over items), failures
+and reuse, as markdown, JSON and a PNG chart."""
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
+from fusion_core.eval_items import task_items
 from fusion_core.evaluation import json_safe
-from fusion_core.interference import Interference, interference, primary_scores
+from fusion_core.interference import ACC, BPB, Interference, InterferenceStudy, measure_interference, primary_scores
 from fusion_core.reporting import bar_chart, fmt, markdown_table
 
 HUMANEVAL_STATUSES = ("passed", "failed", "timeout", "sandbox_violation", "empty", "error")
@@ -24,31 +26,56 @@ class ModelEvaluation:
     failures: Mapping[str, str]
     computed: tuple[str, ...] = ()
     reused: tuple[str, ...] = ()
+    items: Sequence[Mapping] = ()  # per-item records (fusion_core.eval_items) of its completed units
 
 
-def interference_of(models: list[ModelEvaluation], candidate: str) -> tuple[dict[str, dict[str, float]], dict]:
-    """The score table `{label: {task: score}}` and the interference of every non-reference model
-    against the references (`role == "reference"`): `{label: Interference}`."""
+def interference_of(models: list[ModelEvaluation], candidate: str, *, candidate_is_reference: bool = False,
+                    resamples: int = 1000, rng_seed: int = 0) -> tuple[dict[str, dict[str, float]], InterferenceStudy]:
+    """The score table `{label: {task: score}}` and the interference of every model against one
+    reference set: the models with `role == "reference"`, and the candidate too when it is one
+    of them (`candidate_is_reference`: a clm or single-source pipeline). Each model is one
+    evaluation (one seed); intervals are over items."""
     scores = {m.label: primary_scores(m.metrics) for m in models}
-    refs = [m.label for m in models if m.role == "reference"]
-    tasks = list(scores.get(candidate, {}))
-    result = {m.label: interference(m.label, scores, refs, tasks) for m in models
-              if m.role != "reference" or m.label == candidate}
-    return scores, result
+    refs = [m.label for m in models if m.role == "reference" or (candidate_is_reference and m.label == candidate)]
+    items = {m.label: {0: task_items(m.items)} for m in models}
+    return scores, measure_interference(items, refs, resamples=resamples, rng_seed=rng_seed)
+
+
+def _unit_line(i: Interference, unit: str) -> str:
+    est = i.units[unit]
+    tasks = i.unit_tasks(unit)
+    hurt = f"{sum(t.hurt for t in tasks)} of {len(tasks)} tasks hurt"
+    if unit == BPB:
+        return (f"- **bits per byte: interference = {est.text()}** (mean relative drop: {est.value:.2%} more "
+                f"bits per byte than the best reference; {hurt})")
+    return (f"- **accuracy: interference = {est.text(100, 2, ' points')}** (mean absolute drop in accuracy "
+            f"points; {hurt})")
+
+
+def _unit_cell(i: Interference, unit: str) -> str:
+    if unit not in i.units:
+        return "-"
+    tasks = i.unit_tasks(unit)
+    est = i.units[unit]
+    text = est.text() if unit == BPB else est.text(100, 2)
+    return f"{text} ({sum(t.hurt for t in tasks)}/{len(tasks)} hurt)"
 
 
 def write_report(out_dir: Path, *, title: str, models: list[ModelEvaluation], candidate: str,
-                 missing_references: list[str]) -> tuple[Interference, dict[str, Path]]:
+                 missing_references: list[str], candidate_is_reference: bool = False,
+                 resamples: int = 1000) -> tuple[Interference, dict[str, Path]]:
     """Write evaluation.md, evaluation.json and evaluation.png into `out_dir`; return the
     candidate's Interference and the paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    scores, inter = interference_of(models, candidate)
+    scores, study = interference_of(models, candidate, candidate_is_reference=candidate_is_reference,
+                                    resamples=resamples)
+    inter = study.models
     mine = inter[candidate]
     labels = [m.label for m in models]
     tasks = list(scores.get(candidate, {}))
     lines = [f"# {title}", ""]
-    refs = [m.label for m in models if m.role == "reference"]
+    refs = list(study.references)
     lines += ["## Scores", "",
               "The primary score of each task (↑ higher is better, ↓ lower is better); ★ marks the best.", "",
               markdown_table(scores, labels, tasks, label="task"), ""]
@@ -57,23 +84,25 @@ def write_report(out_dir: Path, *, title: str, models: list[ModelEvaluation], ca
         lines += [f"**Missing references:** {', '.join(missing_references)} (not trained yet: `fusion reproduce`, "
                   f"or `evaluation.train_references: true`). The numbers below compare against "
                   f"{', '.join(refs) or 'no reference'} only.", ""]
-    if mine.value is None:
-        lines += ["Not measured: no reference model scored the candidate's tasks.", ""]
+    if not mine.measured:
+        lines += ["Not measured: no other model of the reference set scored the candidate's tasks item by item.", ""]
     else:
-        lines += [f"Against the best of {', '.join(refs)} on each task (METHOD.md): drop = how far the candidate "
-                  "falls behind it, 0 when it does not.", "",
-                  "| task | candidate | best reference | which | drop | relative drop |", "|---|---|---|---|---|---|"]
+        pct = f"{study.level:.0%}"
+        lines += [f"One reference set R = {{{', '.join(refs)}}} for every model (METHOD.md): on each task, best = "
+                  f"the best score in R; drop = max(0, best - score), 0 when the model does not fall behind. "
+                  f"[lo, hi]: {pct} bootstrap interval over items ({study.resamples} resamples); a task is hurt "
+                  f"when the interval on its drop excludes 0.", "",
+                  "| task | candidate | best in R | which | drop [lo, hi] | relative drop | hurt |",
+                  "|---|---|---|---|---|---|---|"]
         for t in mine.tasks:
-            lines.append(f"| {t.task} | {fmt(t.score)} | {fmt(t.best)} | {t.best_model} | {fmt(t.drop)} | "
-                         f"{t.relative_drop:.1%} |")
-        lines += ["", f"- **interference = {mine.value:.4f}** (mean drop / mean best score)",
-                  f"- tasks hurt: {mine.tasks_hurt} of {len(mine.tasks)}",
-                  f"- mean relative drop: {mine.mean_relative_drop:.2%}", ""]
-        others = [(label, i) for label, i in inter.items() if i.value is not None]
+            lines.append(f"| {t.task} | {fmt(t.score)} | {fmt(t.best)} | {t.best_model} | {t.drop.text()} | "
+                         f"{t.relative_drop.value:.1%} | {'yes' if t.hurt else 'no'} |")
+        lines += [""] + [_unit_line(mine, unit) for unit in (BPB, ACC) if unit in mine.units] + [""]
+        others = [(label, i) for label, i in inter.items() if i.measured]
         if len(others) > 1:
-            lines += ["| model | interference | tasks hurt | mean relative drop |", "|---|---|---|---|"]
-            lines += [f"| {label} | {i.value:.4f} | {i.tasks_hurt} of {len(i.tasks)} | {i.mean_relative_drop:.2%} |"
-                      for label, i in others]
+            lines += ["| model | bits per byte: mean relative drop [lo, hi] | accuracy: mean drop in points "
+                      "[lo, hi] |", "|---|---|---|"]
+            lines += [f"| {label} | {_unit_cell(i, BPB)} | {_unit_cell(i, ACC)} |" for label, i in others]
             lines.append("")
     failures = [(m.label, unit, err) for m in models for unit, err in m.failures.items()]
     lines += ["## Failures", ""]
@@ -104,12 +133,15 @@ def write_report(out_dir: Path, *, title: str, models: list[ModelEvaluation], ca
         "models": {m.label: {"role": m.role, "metrics": dict(m.metrics), "failures": dict(m.failures),
                              "computed": list(m.computed), "reused": list(m.reused)} for m in models},
         "scores": scores,
-        "interference": {label: {"value": i.value, "tasks_hurt": i.tasks_hurt if i.value is not None else None,
-                                 "mean_relative_drop": i.mean_relative_drop, "references": list(i.references),
-                                 "skipped": list(i.skipped),
-                                 "tasks": [{"task": t.task, "score": t.score, "best": t.best,
-                                            "best_model": t.best_model, "drop": t.drop} for t in i.tasks]}
+        "interference": {label: {"units": {u: {"value": e.value, "lo": e.lo, "hi": e.hi} for u, e in i.units.items()},
+                                 "tasks_hurt": i.tasks_hurt if i.measured else None,
+                                 "references": list(i.references), "skipped": list(i.skipped),
+                                 "tasks": [{"task": t.task, "unit": t.unit, "score": t.score, "best": t.best,
+                                            "best_model": t.best_model, "drop": t.drop.value, "drop_lo": t.drop.lo,
+                                            "drop_hi": t.drop.hi, "relative_drop": t.relative_drop.value,
+                                            "hurt": t.hurt, "items": t.items} for t in i.tasks]}
                          for label, i in inter.items()},
+        "bootstrap": {"resamples": study.resamples, "level": study.level, "rng_seed": study.rng_seed},
     }
     js = out_dir / "evaluation.json"
     js.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False))

@@ -317,8 +317,9 @@ def _sequence_nll(model, sequences: list, *, batch_size: int, max_length: int, s
     return totals
 
 
-def _perplexity_with(model, tokenizer, documents: Iterable, *, batch_size: int, max_length: int,
-                     stride: int | None) -> dict[str, dict[str, float]]:
+def _scored_documents(model, tokenizer, documents: Iterable, *, batch_size: int, max_length: int,
+                      stride: int | None) -> tuple[list, list[int], list[float]]:
+    """(the documents with text, the tokens scored in each, each one's total NLL in nats)."""
     from fusion_core.tokenization import encode_document
 
     docs = [d for d in documents if d.text]
@@ -335,13 +336,17 @@ def _perplexity_with(model, tokenizer, documents: Iterable, *, batch_size: int, 
         raise ValueError(f"stride must be in [1, max_length), got {stride}")
     sequences = [encode_document(tokenizer, d.text).ids for d in docs]
     nll = _sequence_nll(model, sequences, batch_size=batch_size, max_length=max_length, stride=stride)
+    return docs, [len(ids) - 1 for ids in sequences], nll
 
+
+def _perplexity_table(docs: list, tokens: list[int], nll: list[float]) -> dict[str, dict[str, float]]:
+    """`{domain: {documents, tokens, bytes, nll_per_token, perplexity, bits_per_byte}}` and "all"."""
     sums: dict[str, dict[str, float]] = {}
-    for doc, ids, total in zip(docs, sequences, nll):
+    for doc, n_tokens, total in zip(docs, tokens, nll):
         for domain in (doc.domain, ALL_DOMAINS):
             row = sums.setdefault(domain, {"documents": 0, "tokens": 0, "bytes": 0, "nll": 0.0})
             row["documents"] += 1
-            row["tokens"] += len(ids) - 1
+            row["tokens"] += n_tokens
             row["bytes"] += len(doc.text.encode("utf-8"))
             row["nll"] += total
     out = {}
@@ -355,6 +360,12 @@ def _perplexity_with(model, tokenizer, documents: Iterable, *, batch_size: int, 
             "bits_per_byte": row["nll"] / (math.log(2) * row["bytes"]),
         }
     return out
+
+
+def _perplexity_with(model, tokenizer, documents: Iterable, *, batch_size: int, max_length: int,
+                     stride: int | None) -> dict[str, dict[str, float]]:
+    return _perplexity_table(*_scored_documents(model, tokenizer, documents, batch_size=batch_size,
+                                                max_length=max_length, stride=stride))
 
 
 def perplexity_by_domain(model_dir: Path, documents: Iterable, *, batch_size: int = 8, max_length: int = 512,

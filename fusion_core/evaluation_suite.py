@@ -6,8 +6,10 @@ model: the task's definition and data, limits, seed, batch size, device kind, li
 A result is reusable for an identical (model fingerprint, unit key); `model_fingerprint` hashes
 the model folder's bytes, so two trained models of the same shape never share a result.
 
-A unit that fails (its data cannot be reached, the model cannot generate) is recorded as a
-failure with its message and the other units go on. Pure library: no MLflow, no Prefect.
+A unit that completes also returns its per-item results (fusion_core.eval_items: a record per
+document or question) so that figures can be bootstrapped over items. A unit that fails (its
+data cannot be reached, the model cannot generate) is recorded as a failure with its message and
+the other units go on. Pure library: no MLflow, no Prefect.
 """
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ from typing import Iterable
 from fusion_core.eval_tasks import BUNDLED_TASKS, DATA_DIR, TEMPLATES_DIR
 from fusion_core.workspace import fingerprint
 
-# Bump when the way a unit is computed changes its numbers: every cached result is then stale.
-EVAL_FORMAT_VERSION = 1
+# Bump when the way a unit is computed changes its outputs: every cached result is then stale.
+EVAL_FORMAT_VERSION = 2  # 2: per-item results beside the metrics
+SPLITS = ("validation", "test")
 PERPLEXITY = "perplexity"
 HUMANEVAL = "humaneval"
 LM_EVAL_PREFIX = "lm_eval:"
@@ -39,6 +42,11 @@ class EvalSettings:
     perplexity: bool = True
     max_length: int = 512
     humaneval: object | None = None  # fusion_core.humaneval.HumanEvalSettings, None: not run
+    split: str = "validation"  # the prepared documents held-out perplexity reads: <split>.jsonl
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
 
     @classmethod
     def from_config(cls, ecfg, *, device: str, seed: int, max_length: int) -> "EvalSettings":
@@ -52,7 +60,7 @@ class EvalSettings:
                                    memory_mb=h.memory_mb, batch_size=ecfg.batch_size, workers=h.workers)
         return cls(tasks=tuple(ecfg.lm_eval_tasks), limit=ecfg.limit, num_fewshot=ecfg.num_fewshot,
                    batch_size=ecfg.batch_size, device=device, seed=seed, perplexity=ecfg.perplexity,
-                   max_length=max_length, humaneval=he)
+                   max_length=max_length, humaneval=he, split=ecfg.split)
 
 
 def model_fingerprint(model_dir: Path) -> str:
@@ -91,8 +99,9 @@ def _version(package: str) -> str:
 
 
 def unit_keys(settings: EvalSettings, *, documents_key: str | None) -> dict[str, str]:
-    """`{unit name: key}` for the units `settings` runs. `documents_key` identifies the held-out
-    documents (the prepared data's key); perplexity is left out when it is None."""
+    """`{unit name: key}` for the units `settings` runs. `documents_key` identifies the prepared
+    data (its stage key), `settings.split` which of its files; perplexity is left out when
+    `documents_key` is None."""
     device_kind = "cuda" if str(settings.device).startswith("cuda") else str(settings.device)
     common = (EVAL_FORMAT_VERSION, settings.batch_size, device_kind)
     keys: dict[str, str] = {}
@@ -101,7 +110,7 @@ def unit_keys(settings: EvalSettings, *, documents_key: str | None) -> dict[str,
         keys[LM_EVAL_PREFIX + task] = fingerprint("lm_eval", task, source, settings.limit, settings.num_fewshot,
                                                  settings.seed, *common)
     if settings.perplexity and documents_key is not None:
-        keys[PERPLEXITY] = fingerprint(PERPLEXITY, documents_key, settings.max_length, *common)
+        keys[PERPLEXITY] = fingerprint(PERPLEXITY, documents_key, settings.split, settings.max_length, *common)
     if settings.humaneval is not None:
         from dataclasses import asdict
 
@@ -112,11 +121,13 @@ def unit_keys(settings: EvalSettings, *, documents_key: str | None) -> dict[str,
 
 @dataclass
 class UnitOutcome:
-    """A unit's result: its metrics (MLflow-safe names) or, when it failed, the reason."""
+    """A unit's result: its metrics (MLflow-safe names) and per-item records
+    (fusion_core.eval_items) or, when it failed, the reason."""
 
     metrics: dict[str, float] = field(default_factory=dict)
-    details: dict = field(default_factory=dict)  # lm-eval's results dict, perplexity table, HumanEval samples
+    details: dict = field(default_factory=dict)  # lm-eval's results (without samples), perplexity table, HumanEval samples
     error: str | None = None
+    items: list[dict] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -131,9 +142,11 @@ def evaluate_units(model_dir: Path, units: Iterable[str], settings: EvalSettings
     the rest go on. Raises (before loading the model) ValueError for a unit name that
     `settings` does not define; fusion_core.models.ModelLoadError for a bad model folder.
     """
+    from fusion_core.eval_items import document_records, humaneval_records, lm_eval_records
     from fusion_core.evaluation import (
-        _perplexity_with,
+        _perplexity_table,
         _run_lm_eval,
+        _scored_documents,
         _task_manager,
         flatten_lm_eval_metrics,
         perplexity_metrics,
@@ -165,24 +178,28 @@ def evaluate_units(model_dir: Path, units: Iterable[str], settings: EvalSettings
             continue
         try:
             if unit == PERPLEXITY:
-                table = _perplexity_with(model, tokenizer, list(documents), batch_size=settings.batch_size,
-                                         max_length=settings.max_length, stride=None)
-                out[unit] = UnitOutcome(perplexity_metrics(table), table)
+                scored = _scored_documents(model, tokenizer, list(documents), batch_size=settings.batch_size,
+                                           max_length=settings.max_length, stride=None)
+                table = _perplexity_table(*scored)
+                out[unit] = UnitOutcome(perplexity_metrics(table), table, items=document_records(unit, *scored))
             elif unit == HUMANEVAL:
                 from fusion_core.humaneval import evaluate_humaneval
 
                 res = evaluate_humaneval(model, tokenizer, settings.humaneval)
-                out[unit] = UnitOutcome(dict(res["metrics"]), {"samples": res["samples"]})
+                out[unit] = UnitOutcome(dict(res["metrics"]), {"samples": res["samples"]},
+                                        items=humaneval_records(unit, res["samples"]))
             else:
                 task = unit[len(LM_EVAL_PREFIX):]
                 results = _run_lm_eval(model, tokenizer, manager, [task], limit=settings.limit,
                                        batch_size=settings.batch_size, device=settings.device,
-                                       num_fewshot=settings.num_fewshot, seed=settings.seed, log_samples=False,
+                                       num_fewshot=settings.num_fewshot, seed=settings.seed, log_samples=True,
                                        bootstrap_iters=1000)
                 metrics = flatten_lm_eval_metrics(results)
                 if not metrics:
                     raise RuntimeError(f"lm-eval returned no metric for {task}")
-                out[unit] = UnitOutcome(metrics, results)
+                items = lm_eval_records(unit, results)
+                results.pop("samples", None)  # prompts and responses of every item: the records keep the scores
+                out[unit] = UnitOutcome(metrics, results, items=items)
         except Exception as exc:  # noqa: BLE001 - one unit's failure is counted, the others go on
             out[unit] = UnitOutcome(error=_one_line(exc))
     return out

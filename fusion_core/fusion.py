@@ -5,7 +5,9 @@ each source's top-k next-token log-probabilities projected into the target vocab
 (`FusionExample`). Training fuses them per sequence with source weights w [B, K] chosen by a
 strategy, and distils the fused distribution into the student:
 
-    Q_k[b,t]  = softmax(logprobs_k[b,t] / T) over source k's stored ids (renormalised over valid ids)
+    Q_k[b,t]  = softmax(logprobs_k[b,t]) over source k's stored ids (renormalised over valid ids);
+                the stored log-probabilities already are log_softmax(logits / T_teacher): the
+                temperature is applied once, when the teachers score, never again here
     P[b,t]    = sum_k w[b,k] Q_k[b,t]                 (on the union of the stored ids)
     L_KD      = mean over labelled (b,t) of  -sum_v P[b,t,v] log softmax(z[b,t])_v
     L         = lambda L_CLM + (1 - lambda) L_KD (+ the strategy's own loss terms)
@@ -33,6 +35,10 @@ from torch import nn
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+# Alignment labels (fusion_core.alignment) at which a source's distribution predicts exactly the
+# target's next token: the same boundary, next tokens that end together and map onto each other.
+# Marginal and text-projected positions (the other labels) are biased upward on the true token.
+EXACT_LABELS = (0,)  # alignment.ONE_TO_ONE_EXACT (kept as a literal: fusion imports no alignment code)
 
 
 # ---------------------------------------------------------------- data
@@ -41,13 +47,17 @@ IGNORE_INDEX = -100
 class FusionExample:
     """One training sequence with its teachers' signals, in the TARGET tokenization.
 
-    input_ids:        int64 [n]; [0] is the start token.
-    domain:           the document's domain label.
-    teacher_ids:      int64 [K, n, k]; source k's top-k next-token ids at position t, in the
-                      target vocabulary. Position t predicts input_ids[t+1].
-    teacher_logprobs: float32 [K, n, k]; -inf marks an unused entry.
-    teacher_aligned:  bool [K, n]; False: the entry holds the one-hot of the true next token.
-    teacher_seq_ce:   float32 [K]; source k's mean next-token CE on the document (own tokenization).
+    input_ids:           int64 [n]; [0] is the start token.
+    domain:              the document's domain label.
+    teacher_ids:         int64 [K, n, k]; source k's top-k next-token ids at position t, in the
+                         target vocabulary. Position t predicts input_ids[t+1].
+    teacher_logprobs:    float32 [K, n, k]; -inf marks an unused entry.
+    teacher_aligned:     bool [K, n]; False: the entry holds the one-hot of the true next token.
+    teacher_nll_per_byte: float32 [K]; source k's NLL (nats) per UTF-8 byte of the document, in its
+                         own tokenization: the score strategies compare (NaN: could not score).
+    teacher_label:       uint8 [K, n] or None; the alignment label realised at each position
+                         (`alignment.LABEL_NAMES`). None (examples built by hand): every aligned
+                         position counts as exactly aligned.
 
     K may be 0 (plain causal-LM training). Position n-1 has no label.
     """
@@ -57,14 +67,15 @@ class FusionExample:
     teacher_ids: np.ndarray
     teacher_logprobs: np.ndarray
     teacher_aligned: np.ndarray
-    teacher_seq_ce: np.ndarray
+    teacher_nll_per_byte: np.ndarray
+    teacher_label: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.input_ids = np.asarray(self.input_ids, dtype=np.int64)
         self.teacher_ids = np.asarray(self.teacher_ids, dtype=np.int64)
         self.teacher_logprobs = np.asarray(self.teacher_logprobs, dtype=np.float32)
         self.teacher_aligned = np.asarray(self.teacher_aligned, dtype=bool)
-        self.teacher_seq_ce = np.asarray(self.teacher_seq_ce, dtype=np.float32)
+        self.teacher_nll_per_byte = np.asarray(self.teacher_nll_per_byte, dtype=np.float32)
         n = self.input_ids.shape[0] if self.input_ids.ndim == 1 else -1
         if n < 1:
             raise ValueError(f"input_ids must be 1-D and non-empty; got shape {self.input_ids.shape}")
@@ -74,8 +85,19 @@ class FusionExample:
         K = t_ids.shape[0]
         if self.teacher_aligned.shape != (K, n):
             raise ValueError(f"teacher_aligned has shape {self.teacher_aligned.shape}; expected {(K, n)}")
-        if self.teacher_seq_ce.shape != (K,):
-            raise ValueError(f"teacher_seq_ce has shape {self.teacher_seq_ce.shape}; expected {(K,)}")
+        if self.teacher_nll_per_byte.shape != (K,):
+            raise ValueError(f"teacher_nll_per_byte has shape {self.teacher_nll_per_byte.shape}; expected {(K,)}")
+        if self.teacher_label is not None:
+            self.teacher_label = np.asarray(self.teacher_label, dtype=np.uint8)
+            if self.teacher_label.shape != (K, n):
+                raise ValueError(f"teacher_label has shape {self.teacher_label.shape}; expected {(K, n)}")
+
+    @property
+    def teacher_exact(self) -> np.ndarray:
+        """bool [K, n]: positions where the source's distribution is exactly aligned (EXACT_LABELS)."""
+        if self.teacher_label is None:
+            return self.teacher_aligned.copy()
+        return np.isin(self.teacher_label, EXACT_LABELS)
 
     @classmethod
     def without_teachers(cls, input_ids: np.ndarray, domain: str = "", top_k: int = 1) -> "FusionExample":
@@ -109,7 +131,8 @@ def collate(examples: Sequence[FusionExample], pad_id: int) -> dict[str, torch.T
     Returns input_ids [B,L], attention_mask [B,L], labels [B,L] (labels[t] = input_ids[t+1];
     -100 at the last real position and at padding), teacher_ids [B,K,L,k] (0 at padding),
     teacher_logprobs [B,K,L,k] (-inf at padding), teacher_aligned [B,K,L] (False at padding),
-    seq_ce [B,K], lengths [B]. Examples may differ in k (padded with unused entries) but not in K.
+    teacher_exact [B,K,L] (exactly aligned, `EXACT_LABELS`; False at padding), nll_per_byte [B,K],
+    lengths [B]. Examples may differ in k (padded with unused entries) but not in K.
     """
     K = source_count(examples)
     B = len(examples)
@@ -134,11 +157,13 @@ def collate(examples: Sequence[FusionExample], pad_id: int) -> dict[str, torch.T
     t_ids = np.zeros((B, L, K, k), dtype=np.int64)
     t_lp = np.full((B, L, K, k), -np.inf, dtype=np.float32)
     t_al = np.zeros((B, L, K), dtype=bool)
+    t_ex = np.zeros((B, L, K), dtype=bool)
     if K > 0:
         t_ids[mask] = np.concatenate([pad_k(ex.teacher_ids, 0).transpose(1, 0, 2) for ex in examples])
         t_lp[mask] = np.concatenate([pad_k(ex.teacher_logprobs, -np.inf).transpose(1, 0, 2) for ex in examples])
         t_al[mask] = np.concatenate([ex.teacher_aligned.T for ex in examples])
-    seq_ce = np.stack([ex.teacher_seq_ce for ex in examples]) if K > 0 else np.zeros((B, 0), np.float32)
+        t_ex[mask] = np.concatenate([ex.teacher_exact.T for ex in examples])
+    nll = np.stack([ex.teacher_nll_per_byte for ex in examples]) if K > 0 else np.zeros((B, 0), np.float32)
     return {
         "input_ids": torch.from_numpy(input_ids),
         "attention_mask": torch.from_numpy(mask.astype(np.int64)),
@@ -146,7 +171,8 @@ def collate(examples: Sequence[FusionExample], pad_id: int) -> dict[str, torch.T
         "teacher_ids": torch.from_numpy(np.ascontiguousarray(t_ids.transpose(0, 2, 1, 3))),
         "teacher_logprobs": torch.from_numpy(np.ascontiguousarray(t_lp.transpose(0, 2, 1, 3))),
         "teacher_aligned": torch.from_numpy(np.ascontiguousarray(t_al.transpose(0, 2, 1))),
-        "seq_ce": torch.from_numpy(np.ascontiguousarray(seq_ce, dtype=np.float32)),
+        "teacher_exact": torch.from_numpy(np.ascontiguousarray(t_ex.transpose(0, 2, 1))),
+        "nll_per_byte": torch.from_numpy(np.ascontiguousarray(nll, dtype=np.float32)),
         "lengths": torch.from_numpy(lengths),
     }
 
@@ -159,7 +185,9 @@ class FusionStrategy(nn.Module, abc.ABC):
     Subclasses set `name` and implement `source_weights`. A strategy may own parameters (they
     are trained and checkpointed with the student: `FusionModel` holds both) and may add loss
     terms through `aux_losses`, whose values are already scaled and are added to the total.
-    `uses_teachers = False` (strategy 'clm') means no KD term at all.
+    `uses_teachers = False` (strategy 'clm') means no KD term at all. `prepare(examples)` is
+    called once with the training examples before training (a learned selector fits its input
+    statistics and balance target there); it does nothing for the fixed rules.
     """
 
     name: ClassVar[str] = ""
@@ -171,11 +199,21 @@ class FusionStrategy(nn.Module, abc.ABC):
         """Build from a FusionConfig and the ordered source names (override to read options)."""
         return cls()
 
+    def prepare(self, examples: Sequence["FusionExample"]) -> None:
+        """Fit whatever the strategy takes from the training data before training (default: nothing)."""
+
     @abc.abstractmethod
     def source_weights(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Per-sequence source weights [B, K] for a collated batch."""
 
-    def aux_losses(self, batch: Mapping[str, torch.Tensor], weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    def select(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights, gate): the weights that fuse the teachers and the unthresholded gate behind
+        them (for the fixed rules the gate is the weights)."""
+        w = self.source_weights(batch)
+        return w, w
+
+    def aux_losses(self, batch: Mapping[str, torch.Tensor], weights: torch.Tensor,
+                   gate: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         return {}
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -206,32 +244,51 @@ def strategy_from_config(fusion, source_names: Sequence[str]) -> FusionStrategy:
     return STRATEGIES[fusion.strategy].from_config(fusion, list(source_names))
 
 
-def _seq_ce(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    ce = batch["seq_ce"].float()
-    if ce.ndim != 2 or ce.shape[1] == 0:
-        raise ValueError(f"this strategy needs teacher scores seq_ce [B, K>0]; got shape {tuple(ce.shape)}")
-    return torch.nan_to_num(ce, nan=math.inf)   # a source that could not score a document never wins
+def sequence_scores(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Each source's NLL per byte of each sequence, [B, K] (nats; +inf where a source could not
+    score the document, so it never wins). Raises ValueError when the batch has no teachers."""
+    nll = batch["nll_per_byte"].float()
+    if nll.ndim != 2 or nll.shape[1] == 0:
+        raise ValueError(f"this strategy needs teacher scores nll_per_byte [B, K>0]; got shape {tuple(nll.shape)}")
+    return torch.nan_to_num(nll, nan=math.inf, posinf=math.inf)
+
+
+def oracle_routing(nll_per_byte: torch.Tensor) -> torch.Tensor:
+    """The per-document oracle: the index of the source with the lowest NLL per byte, [B]."""
+    return torch.nan_to_num(nll_per_byte.float(), nan=math.inf).argmin(dim=-1)
 
 
 @register_strategy
 class MinCEStrategy(FusionStrategy):
-    """FuseLLM MinCE: all weight on the source with the lowest sequence CE (ties: lowest index)."""
+    """FuseLLM MinCE, scored per byte: all weight on the source with the lowest NLL per byte of the
+    sequence (ties: lowest index). This is exactly the per-document oracle routing."""
 
     name = "min_ce"
 
     def source_weights(self, batch):
-        ce = _seq_ce(batch)
-        return F.one_hot(ce.argmin(dim=1), ce.shape[1]).to(ce.dtype)
+        nll = sequence_scores(batch)
+        return F.one_hot(nll.argmin(dim=1), nll.shape[1]).to(nll.dtype)
 
 
 @register_strategy
 class AvgCEStrategy(FusionStrategy):
-    """FuseLLM AvgCE: w = softmax_k(exp(-CE_k)) per sequence."""
+    """FuseLLM AvgCE, scored per byte: w = softmax_k(r_k), r_k = exp(-NLL_k per byte)."""
 
     name = "avg_ce"
 
     def source_weights(self, batch):
-        return torch.softmax(torch.exp(-_seq_ce(batch)), dim=1)
+        return torch.softmax(torch.exp(-sequence_scores(batch)), dim=1)
+
+
+@register_strategy
+class UniformStrategy(FusionStrategy):
+    """Every source weighted 1/K on every sequence: the ablation with no selection at all."""
+
+    name = "uniform"
+
+    def source_weights(self, batch):
+        nll = sequence_scores(batch)
+        return torch.full_like(nll, 1.0 / nll.shape[1])
 
 
 @register_strategy
@@ -253,11 +310,11 @@ class SingleStrategy(FusionStrategy):
         self.source_index = int(source_index)
 
     def source_weights(self, batch):
-        ce = batch["seq_ce"]
-        K = ce.shape[1]
+        nll = batch["nll_per_byte"]
+        K = nll.shape[1]
         if self.source_index >= K:
             raise ValueError(f"source_index {self.source_index} out of range for {K} sources")
-        return F.one_hot(torch.full((ce.shape[0],), self.source_index, dtype=torch.long, device=ce.device),
+        return F.one_hot(torch.full((nll.shape[0],), self.source_index, dtype=torch.long, device=nll.device),
                          K).float()
 
 
@@ -269,44 +326,56 @@ class CLMStrategy(FusionStrategy):
     uses_teachers = False
 
     def source_weights(self, batch):
-        return batch["seq_ce"].new_zeros((batch["seq_ce"].shape[0], 0))
+        return batch["nll_per_byte"].new_zeros((batch["nll_per_byte"].shape[0], 0))
 
 
-def _teacher_q(teacher_logprobs: torch.Tensor, temperature: float, dtype: torch.dtype
+def _teacher_q(teacher_logprobs: torch.Tensor, dtype: torch.dtype
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each source's stored distribution: (valid [B,K,L,k] entries, has [B,K,L] any valid entry,
-    Q = softmax(logprobs / T) renormalised over the valid entries, 0 elsewhere and on rows without
-    signal), in `dtype`."""
+    Q = softmax(stored log-probabilities) renormalised over the valid entries, 0 elsewhere and on
+    rows without signal), in `dtype`. The stored values are log_softmax(logits / T_teacher): the
+    temperature was applied when the teacher scored and is not applied again."""
     valid = torch.isfinite(teacher_logprobs)
     has = valid.any(dim=-1)
-    scaled = torch.where(valid, teacher_logprobs.to(dtype) / temperature,
+    scaled = torch.where(valid, teacher_logprobs.to(dtype),
                          torch.full((), -math.inf, dtype=dtype, device=teacher_logprobs.device))
     q = torch.softmax(torch.where(has.unsqueeze(-1), scaled, torch.zeros_like(scaled)), dim=-1)
     return valid, has, torch.where(valid, q, torch.zeros_like(q))
 
 
-def teacher_label_probs(batch: Mapping[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+def teacher_label_probs(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Q_k[b,t,label_t]: each source's probability of the true next target token, [B,K,L].
 
-    From the stored top-k (softmax(logprobs / T) over the valid entries, duplicates added); 0
-    where the label is not among them, and at padding. At a position with no teacher signal the
-    stored one-hot of the label gives 1.
+    From the stored top-k (renormalised over the valid entries, duplicates added); 0 where the
+    label is not among them, and at padding. At a position with no teacher signal the stored
+    one-hot of the label gives 1 (which is why an objective on it must be restricted to exactly
+    aligned positions: `AdaptiveStrategy`).
     """
     ids, labels = batch["teacher_ids"], batch["labels"]
-    _, _, q = _teacher_q(batch["teacher_logprobs"], temperature, torch.float32)
+    _, _, q = _teacher_q(batch["teacher_logprobs"], torch.float32)
     hit = ids == labels.clamp_min(0)[:, None, :, None]
     return (q * hit).sum(-1) * (labels != IGNORE_INDEX)[:, None, :]
 
 
-def build_selector(num_sources: int, hidden: Sequence[int] | None = None) -> nn.Sequential:
-    """The selection MLP: Linear(K, h1) -> GELU -> ... -> Linear(h_last, K).
+def teacher_confidence(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Each source's own confidence at each position, log max_v Q_k[b,t,v], [B,K,L]: a label-free
+    per-token score (it never looks at the true next token). 0 where the source has no signal."""
+    _, has, q = _teacher_q(batch["teacher_logprobs"], torch.float32)
+    conf = torch.log(q.amax(dim=-1).clamp_min(1e-12))
+    return torch.where(has & batch["teacher_aligned"], conf, torch.zeros_like(conf))
+
+
+def build_selector(num_sources: int, hidden: Sequence[int] | None = None, *, num_inputs: int | None = None
+                   ) -> nn.Sequential:
+    """The selection MLP: Linear(inputs, h1) -> GELU -> ... -> Linear(h_last, K).
 
     hidden None: the reference shape, Linear(K,2K) -> GELU -> Linear(2K,K) -> GELU -> Linear(K,K).
+    num_inputs: K per-sequence scores (the default), or 2K with a per-token score beside each.
     """
     K = int(num_sources)
     if K < 1:
         raise ValueError("the selector needs at least one source")
-    widths = [K, *(hidden if hidden is not None else (2 * K, K)), K]
+    widths = [int(num_inputs or K), *(hidden if hidden is not None else (2 * K, K)), K]
     layers: list[nn.Module] = []
     for i in range(len(widths) - 1):
         layers.append(nn.Linear(widths[i], widths[i + 1]))
@@ -315,43 +384,111 @@ def build_selector(num_sources: int, hidden: Sequence[int] | None = None) -> nn.
     return nn.Sequential(*layers)
 
 
+class RunningStandardizer(nn.Module):
+    """x -> (x - mean) / std per feature, with mean and std as buffers (checkpointed with the model).
+
+    `fit(values)` sets them from data and freezes them (the selector's per-sequence scores are
+    known for every training document before training starts); otherwise, in training mode,
+    they are running estimates over every value seen (Chan's parallel update), frozen in eval.
+    """
+
+    def __init__(self, features: int, min_std: float = 1e-3):
+        super().__init__()
+        self.min_std = float(min_std)
+        self.register_buffer("mean", torch.zeros(features, dtype=torch.float64))
+        self.register_buffer("m2", torch.zeros(features, dtype=torch.float64))
+        self.register_buffer("count", torch.zeros(features, dtype=torch.float64))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def std(self) -> torch.Tensor:
+        var = self.m2 / self.count.clamp_min(1.0)
+        # nothing seen yet (an untrained selector used as it is): the identity, not a division by ~0
+        return torch.where(self.count >= 2, var.sqrt().clamp_min(self.min_std), torch.ones_like(var))
+
+    @torch.no_grad()
+    def _update(self, x: torch.Tensor, valid: torch.Tensor) -> None:
+        # x, valid: [N, F]
+        xv = torch.where(valid, x, torch.zeros_like(x)).to(torch.float64)
+        n = valid.sum(0).to(torch.float64)
+        ok = n > 0
+        mean_b = xv.sum(0) / n.clamp_min(1.0)
+        m2_b = (torch.where(valid, x.to(torch.float64) - mean_b, torch.zeros_like(xv)) ** 2).sum(0)
+        tot = self.count + n
+        delta = mean_b - self.mean
+        new_mean = self.mean + delta * n / tot.clamp_min(1.0)
+        new_m2 = self.m2 + m2_b + delta ** 2 * self.count * n / tot.clamp_min(1.0)
+        self.mean.copy_(torch.where(ok, new_mean, self.mean))
+        self.m2.copy_(torch.where(ok, new_m2, self.m2))
+        self.count.copy_(tot)
+
+    @torch.no_grad()
+    def fit(self, values: torch.Tensor) -> None:
+        """Set mean and std from values [N, F] (non-finite entries ignored) and freeze them."""
+        values = torch.as_tensor(values, dtype=torch.float64)
+        self.mean.zero_(), self.m2.zero_(), self.count.zero_()
+        self._update(values, torch.isfinite(values))
+        self.fitted.fill_(True)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Standardise x [..., F] (valid: where x is a real value; others come out 0)."""
+        valid = torch.isfinite(x) if valid is None else valid & torch.isfinite(x)
+        if self.training and not bool(self.fitted):
+            self._update(x.detach().reshape(-1, x.shape[-1]), valid.reshape(-1, x.shape[-1]))
+        z = (x.to(torch.float64) - self.mean) / self.std
+        return torch.where(valid, z, torch.zeros_like(z)).to(x.dtype if x.is_floating_point() else torch.float32)
+
+
 @register_strategy
 class AdaptiveStrategy(FusionStrategy):
     """The adaptive selection network of Kong et al. 2025 (METHOD.md), as a trained module.
 
-    g = softmax(MLP(r)), r_k = exp(-CE_k) per sequence (scores="sequence") or, per position
-    (scores="token"), the source's probability of the true next target token where it has a
-    signal there and exp(-CE_k) of the sequence where it does not. Sources with g_k > tau are
-    kept (the best one if none passes), w = g * mask renormalised. The MLP's parameters are
-    part of this module, so they are in the optimizer, in every checkpoint and in the saved
-    model (`fusion_strategy.safetensors`); the public code re-created it with random weights
-    in every loss call.
+    Inputs x: the standardised per-sequence score, x_k = (-NLL_k per byte - mu_k) / sigma_k
+    (mu, sigma fitted on the training documents before training, `prepare`); the paper's
+    r = exp(-CE) differs by a few thousandths between sources and barely moves an MLP at
+    initialisation. scores="confidence" adds, per position, each source's standardised own
+    confidence log max_v Q_k[t, v] (label-free); scores="oracle_token" adds its probability of
+    the TRUE next token instead: an oracle that looks at the label, for ablations only.
 
-    Loss terms (aux_losses): "feedback" = beta * CV^2 of the per-source importance
-    Imp_k = sum of w_k over the batch's sequences (or labelled positions), the squared
-    coefficient of variation with the population variance; and, with objective="likelihood",
-    "selector_nll" = -mean log sum_k w_k Q_k[label] over labelled positions: the fused
-    distribution's likelihood of the true next token, which trains the selector only (the
-    teachers are fixed and the student is not in it), while L_KD's gradient is kept from the
-    weights. objective="kd" is the paper's: the selector is trained through L_KD (+ feedback),
-    which rewards the sources the student already agrees with.
+    g = softmax(MLP(x)); sources with g_k > tau are kept (the best one if none passes), w = g *
+    mask renormalised. The MLP's parameters are part of this module, so they are in the
+    optimizer, in every checkpoint and in the saved model (`fusion_strategy.safetensors`); the
+    public code re-created it with random weights in every loss call.
+
+    Loss terms (aux_losses):
+    - "feedback" = beta * K sum_k (s_k - pi_k)^2, s the share of the importance Imp_k = sum of
+      the gate g_k (BEFORE the threshold, so a source below tau still gets gradient) over a
+      running window of about `feedback_window` sequences, this batch included (`_balance`):
+      with pi uniform this is the squared coefficient of variation of Shazeer et al. 2017, and
+      over a window batch composition alone does not look like imbalance; pi is uniform
+      (feedback_target="uniform") or the data's mix (feedback_target="data": the share of
+      training documents each source is best on by NLL per byte), so one-source-per-domain
+      routing is not pushed toward uniform mixing.
+    - objective="likelihood": "selector_nll" = -mean log sum_k w_k Q_k[label] over the positions
+      where EVERY source is exactly aligned (elsewhere a source's Q is the one-hot of the label or
+      biased upward, which would pay the selector for picking the worst-aligned source). It trains
+      the selector only; L_KD's gradient is kept from the weights. objective="kd" is the paper's:
+      the selector is trained through L_KD (+ feedback), which rewards the sources the student
+      already agrees with.
     """
 
     name = "adaptive"
     EPS = 1e-8
+    SCORES = ("sequence", "confidence", "oracle_token")
 
     FIXED: ClassVar[dict[str, str]] = {}  # options a subclass does not take from the config
 
     @classmethod
     def from_config(cls, fusion, source_names):
         a = fusion.adaptive
-        options = {"objective": a.objective, "scores": a.scores, **cls.FIXED}
+        options = {"objective": a.objective, "scores": a.scores, "feedback_target": a.feedback_target,
+                   "feedback_window": a.feedback_window, **cls.FIXED}
         return cls(len(source_names), tau=a.tau, hidden=a.hidden, feedback_weight=a.feedback_weight,
-                   temperature=fusion.temperature, seed=fusion.training.seed, **options)
+                   seed=fusion.training.seed, **options)
 
     def __init__(self, num_sources: int, *, tau: float = 0.15, hidden: Sequence[int] | None = None,
                  feedback_weight: float = 0.5, objective: str = "likelihood", scores: str = "sequence",
-                 temperature: float = 1.0, seed: int = 0):
+                 feedback_target: str = "data", feedback_window: int = 256, seed: int = 0):
         super().__init__()
         if not 0 < tau < 1:
             raise ValueError(f"tau must lie in (0, 1); got {tau}")
@@ -359,62 +496,131 @@ class AdaptiveStrategy(FusionStrategy):
             raise ValueError(f"feedback_weight must be >= 0; got {feedback_weight}")
         if objective not in ("likelihood", "kd"):
             raise ValueError(f"objective must be 'likelihood' or 'kd'; got {objective!r}")
-        if scores not in ("sequence", "token"):
-            raise ValueError(f"scores must be 'sequence' or 'token'; got {scores!r}")
-        self.num_sources, self.tau, self.feedback_weight = int(num_sources), float(tau), float(feedback_weight)
-        self.objective, self.scores, self.temperature = objective, scores, float(temperature)
+        if scores not in self.SCORES:
+            raise ValueError(f"scores must be one of {self.SCORES}; got {scores!r}")
+        if feedback_target not in ("uniform", "data"):
+            raise ValueError(f"feedback_target must be 'uniform' or 'data'; got {feedback_target!r}")
+        if feedback_window < 1:
+            raise ValueError(f"feedback_window must be >= 1; got {feedback_window}")
+        K = int(num_sources)
+        self.num_sources, self.tau, self.feedback_weight = K, float(tau), float(feedback_weight)
+        self.objective, self.scores = objective, scores
+        self.feedback_target, self.feedback_window = feedback_target, int(feedback_window)
         self.hidden = None if hidden is None else [int(h) for h in hidden]
+        self.num_inputs = K if scores == "sequence" else 2 * K
+        self.inputs = RunningStandardizer(K)
+        self.token_inputs = RunningStandardizer(K)
+        self.register_buffer("balance_target", torch.full((K,), 1.0 / K, dtype=torch.float64))
+        self.register_buffer("running_importance", torch.full((K,), self.feedback_window / K, dtype=torch.float64))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.selector = build_selector(self.num_sources, self.hidden)
+            self.selector = build_selector(K, self.hidden, num_inputs=self.num_inputs)
 
     @property
     def kd_trains_weights(self) -> bool:  # type: ignore[override]
         return self.objective == "kd"
 
+    @torch.no_grad()
+    def prepare(self, examples):
+        """Fit the input standardisation on the training documents' scores and, with
+        feedback_target="data", set the balance target to the share of documents each source is
+        best on (lowest NLL per byte)."""
+        if not examples:
+            return
+        nll = torch.from_numpy(np.stack([ex.teacher_nll_per_byte for ex in examples]).astype(np.float64))
+        if nll.shape[1] != self.num_sources:
+            raise ValueError(f"the selector was built for {self.num_sources} sources; the examples have {nll.shape[1]}")
+        self.inputs.fit(-nll)
+        if self.feedback_target == "data":
+            best = oracle_routing(nll)
+            share = torch.bincount(best, minlength=self.num_sources).to(torch.float64) / len(examples)
+            self.set_balance_target(share)
+
+    def _balance(self, imp: torch.Tensor) -> torch.Tensor:
+        """The importance balance of the running window (about feedback_window sequences, this
+        batch included), with the gradient of that window loss passed to this batch's gate: its
+        value is K sum_k (s_k - pi_k)^2 over the window's shares s, its gradient with respect to
+        this batch's importance is 2K (s_k - pi_k) / (the batch's total importance). A router that
+        already follows pi gets neither loss nor gradient; a source below its share is pushed up."""
+        keep = max(0.0, 1.0 - float(imp.detach().sum()) / self.feedback_window)
+        window = self.running_importance.to(imp.dtype) * keep + imp.detach()
+        share = window / window.sum().clamp_min(1e-10)
+        target = self.balance_target.to(imp.dtype)
+        K = imp.shape[0]
+        value = K * ((share - target) ** 2).sum()
+        lin = 2 * K * ((share - target) * imp).sum() / imp.detach().sum().clamp_min(1e-10)
+        if self.training:
+            with torch.no_grad():
+                self.running_importance.copy_(window.to(torch.float64))
+        return value + (lin - lin.detach())
+
+    @torch.no_grad()
+    def set_balance_target(self, share: torch.Tensor) -> None:
+        share = torch.as_tensor(share, dtype=torch.float64)
+        if share.shape != (self.num_sources,) or bool((share < 0).any()) or float(share.sum()) <= 0:
+            raise ValueError(f"balance target must be {self.num_sources} non-negative shares; got {share.tolist()}")
+        share = share / share.sum()
+        self.balance_target.copy_(share)
+        self.running_importance.copy_(share * self.feedback_window)
+
     def _gate(self, batch) -> nn.Module:
         return self.selector
 
-    def scores_of(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """r: [B,K] per sequence, or [B,K,L] per position."""
-        r = torch.exp(-_seq_ce(batch))
-        if r.shape[1] != self.num_sources:
-            raise ValueError(f"the selector was built for {self.num_sources} sources; the batch has {r.shape[1]}")
+    def selector_inputs(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """x: [B,K] per sequence, or [B,L,2K] per position (the sequence score beside a per-token one)."""
+        nll = sequence_scores(batch)
+        if nll.shape[1] != self.num_sources:
+            raise ValueError(f"the selector was built for {self.num_sources} sources; the batch has {nll.shape[1]}")
+        x = self.inputs(-nll, torch.isfinite(nll))                                  # [B,K]
         if self.scores == "sequence":
-            return r
-        q = teacher_label_probs(batch, self.temperature)                        # [B,K,L]
-        return torch.where(batch["teacher_aligned"], q, r.unsqueeze(-1).expand_as(q))
+            return x
+        if self.scores == "confidence":
+            tok = teacher_confidence(batch)                                          # [B,K,L]
+        else:  # oracle_token: looks at the label
+            tok = torch.log(teacher_label_probs(batch).clamp_min(1e-12))
+        valid = batch["teacher_aligned"] & (batch["labels"] != IGNORE_INDEX)[:, None, :]
+        z = self.token_inputs(tok.transpose(1, 2), valid.transpose(1, 2))           # [B,L,K]
+        return torch.cat([x.unsqueeze(1).expand_as(z), z], dim=-1)                  # [B,L,2K]
 
-    def gate(self, r: torch.Tensor, selector: nn.Module) -> torch.Tensor:
-        """g = softmax(MLP(r)) over the sources; r [B,K] or [B,K,L]."""
+    def gate(self, x: torch.Tensor, selector: nn.Module) -> torch.Tensor:
+        """g = softmax(MLP(x)) over the sources: [B,K] for x [B,K], [B,K,L] for x [B,L,2K]."""
         param = next(selector.parameters())
-        x = r.to(param.dtype)
-        if x.ndim == 3:
-            return torch.softmax(selector(x.transpose(1, 2)), dim=-1).transpose(1, 2)
-        return torch.softmax(selector(x), dim=-1)
+        g = torch.softmax(selector(x.to(param.dtype)), dim=-1)
+        return g.transpose(1, 2) if x.ndim == 3 else g
 
-    def source_weights(self, batch):
-        g = self.gate(self.scores_of(batch), self._gate(batch))
+    def threshold(self, g: torch.Tensor) -> torch.Tensor:
+        """w from g: the sources above tau (the best one if none passes), renormalised."""
         keep = g > self.tau
         best = F.one_hot(g.argmax(dim=1), g.shape[1]).movedim(-1, 1).bool()
         keep = torch.where(keep.any(dim=1, keepdim=True), keep, best)
         w = g * keep
         return w / (w.sum(dim=1, keepdim=True) + self.EPS)
 
-    def aux_losses(self, batch, weights):
+    def select(self, batch):
+        g = self.gate(self.selector_inputs(batch), self._gate(batch))
+        return self.threshold(g), g
+
+    def source_weights(self, batch):
+        return self.select(batch)[0]
+
+    def aux_losses(self, batch, weights, gate=None):
         out: dict[str, torch.Tensor] = {}
         labelled = (batch["labels"] != IGNORE_INDEX)
-        w = weights.float()
         if self.feedback_weight > 0:
-            imp = w.sum(0) if w.ndim == 2 else (w * labelled[:, None, :]).sum(dim=(0, 2))
-            cv2 = imp.var(correction=0) / (imp.mean() ** 2 + 1e-10)
-            out["feedback"] = self.feedback_weight * cv2
+            g = (weights if gate is None else gate).float()
+            if g.ndim == 3:   # per position: each sequence's mean gate over its labelled positions
+                m = labelled[:, None, :].to(g.dtype)
+                g = (g * m).sum(-1) / m.sum(-1).clamp_min(1)
+            imp = g.sum(0)                                                           # [K], over sequences
+            out["feedback"] = self.feedback_weight * self._balance(imp)
         if self.objective == "likelihood":
-            q = teacher_label_probs(batch, self.temperature)                     # [B,K,L]
+            q = teacher_label_probs(batch)                                           # [B,K,L]
+            w = weights.float()
             ww = w.unsqueeze(-1) if w.ndim == 2 else w
-            fused = (ww * q).sum(1)                                              # [B,L]
+            fused = (ww * q).sum(1)                                                  # [B,L]
             nll = -torch.log(fused + self.EPS)
-            out["selector_nll"] = torch.where(labelled, nll, torch.zeros_like(nll)).sum() / labelled.sum().clamp_min(1)
+            exact = labelled & batch["teacher_exact"].all(dim=1)                     # every source exact
+            out["selector_nll"] = torch.where(exact, nll, torch.zeros_like(nll)).sum() / exact.sum().clamp_min(1)
         return out
 
 
@@ -436,7 +642,8 @@ class ReferenceStrategy(AdaptiveStrategy):
     def _gate(self, batch) -> nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=self._generator)))
-            return build_selector(self.num_sources, self.hidden).to(batch["seq_ce"].device)
+            return build_selector(self.num_sources, self.hidden, num_inputs=self.num_inputs).to(
+                batch["nll_per_byte"].device)
 
 
 def selection_counts(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -448,6 +655,62 @@ def selection_counts(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     if w.ndim != 2 or w.shape[1] == 0:
         return w.new_zeros((0,)), w.new_zeros((0,))
     return (w > 0).sum(0).to(torch.float64), w.sum(0)
+
+
+def sequence_weights(weights: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sequence weights [B,K]: per-position weights [B,K,L] averaged over each sequence's
+    labelled positions; per-sequence weights as they are."""
+    w = weights.detach()
+    if w.ndim == 3:
+        m = (labels != IGNORE_INDEX)[:, None, :].to(w.dtype)
+        w = (w * m).sum(-1) / m.sum(-1).clamp_min(1)
+    return w
+
+
+@torch.no_grad()
+def routing_report(strategy: FusionStrategy, examples: Sequence["FusionExample"], source_names: Sequence[str],
+                   *, batch_size: int = 16, pad_id: int = 0) -> dict[str, float]:
+    """How a strategy routes the documents, per domain and overall ("all"), in eval mode:
+    `routing.accuracy.<domain>` (share of documents whose highest-weight source is the per-document
+    oracle, the lowest NLL per byte), `routing.weight.<source>.<domain>` (mean weight) and
+    `routing.select.<source>.<domain>` (share of documents giving it a weight above zero), and
+    `routing.exact_positions` (share of labelled positions where every source is exactly aligned,
+    those the likelihood objective is computed on). Empty for a strategy without teachers."""
+    if not strategy.uses_teachers or not examples or examples[0].num_sources == 0:
+        return {}
+    was_training = strategy.training
+    strategy.eval()
+    try:
+        acc: dict[str, list[float]] = {}
+        wsum: dict[str, np.ndarray] = {}
+        ssum: dict[str, np.ndarray] = {}
+        exact = labelled = 0
+        for lo in range(0, len(examples), batch_size):
+            chunk = list(examples[lo:lo + batch_size])
+            batch = collate(chunk, pad_id)
+            batch.pop("lengths")
+            if next(strategy.parameters(), None) is not None:
+                dev = next(strategy.parameters()).device
+                batch = {k: v.to(dev) for k, v in batch.items()}
+            w = sequence_weights(strategy.select(batch)[0], batch["labels"]).float().cpu()
+            oracle = oracle_routing(batch["nll_per_byte"].cpu())
+            lab = batch["labels"] != IGNORE_INDEX
+            exact += int((lab & batch["teacher_exact"].all(dim=1)).sum())
+            labelled += int(lab.sum())
+            for i, ex in enumerate(chunk):
+                for d in (ex.domain, "all"):
+                    acc.setdefault(d, []).append(float(int(w[i].argmax()) == int(oracle[i])))
+                    wsum[d] = wsum.get(d, 0) + w[i].numpy().astype(np.float64)
+                    ssum[d] = ssum.get(d, 0) + (w[i].numpy() > 0).astype(np.float64)
+        out: dict[str, float] = {"routing.exact_positions": exact / max(labelled, 1)}
+        for d, hits in acc.items():
+            out[f"routing.accuracy.{d}"] = float(np.mean(hits))
+            for k, name in enumerate(source_names):
+                out[f"routing.weight.{name}.{d}"] = float(wsum[d][k] / len(hits))
+                out[f"routing.select.{name}.{d}"] = float(ssum[d][k] / len(hits))
+        return out
+    finally:
+        strategy.train(was_training)
 
 
 # ---------------------------------------------------------------- losses
@@ -516,12 +779,12 @@ def sparse_cross_entropy(logits: torch.Tensor, ids: torch.Tensor, probs: torch.T
 
 
 def _teacher_entries(teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor, weights: torch.Tensor,
-                     labels: torch.Tensor, V: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+                     labels: torch.Tensor, V: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused teacher distribution P as entries: ids [B,L,K*k+K] and probabilities w_k Q_k[j]
     (+ w_k on the label for a source without signal at the position), 0 at unlabelled positions."""
     B, K, L, k = teacher_ids.shape
     cd = torch.promote_types(weights.dtype, torch.float32)
-    valid, has, q = _teacher_q(teacher_logprobs, temperature, cd)              # [B,K,L,k], [B,K,L], [B,K,L,k]
+    valid, has, q = _teacher_q(teacher_logprobs, cd)              # [B,K,L,k], [B,K,L], [B,K,L,k]
     ids = torch.where(valid, teacher_ids, torch.zeros_like(teacher_ids))
     if bool(valid.any()):
         lo, hi = int(ids[valid].min()), int(ids[valid].max())
@@ -539,19 +802,17 @@ def _teacher_entries(teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor, 
 
 
 def sparse_kd_loss(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
-                   weights: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+                   weights: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the student against the fused sparse teacher distribution.
 
     student_logits [B,L,V]; teacher_ids / teacher_logprobs [B,K,L,k]; weights [B,K] per
     sequence or [B,K,L] per position (summing to 1 over K); labels [B,L] with -100 where there
     is no target. Returns the mean over labelled positions of -sum_v P[v] log softmax(z)_v,
-    P = sum_k w_k softmax(logprobs_k / T) on the union of the stored ids. Computed in fp32
-    without materialising P or any other [B,L,V] tensor but the gradient.
+    P = sum_k w_k softmax(logprobs_k) on the union of the stored ids (the stored log-probabilities
+    already carry the teachers' temperature). Computed in fp32 without materialising P or any
+    other [B,L,V] tensor but the gradient.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0; got {temperature}")
-    ids, probs = _teacher_entries(teacher_ids, teacher_logprobs, weights, labels, student_logits.shape[-1],
-                                  temperature)
+    ids, probs = _teacher_entries(teacher_ids, teacher_logprobs, weights, labels, student_logits.shape[-1])
     n = (labels != IGNORE_INDEX).sum().clamp_min(1)
     return sparse_cross_entropy(student_logits, ids, probs)[0] / n
 
@@ -566,7 +827,7 @@ def clm_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 
 
 def fusion_loss(student_logits: torch.Tensor, batch: Mapping[str, torch.Tensor], strategy: FusionStrategy, *,
-                clm_weight: float, temperature: float = 1.0) -> dict[str, torch.Tensor]:
+                clm_weight: float) -> dict[str, torch.Tensor]:
     """The training loss and its parts.
 
     Returns {"loss", "clm", "kd", <strategy's aux terms>..., "weights"}: loss = clm_weight *
@@ -587,10 +848,10 @@ def fusion_loss(student_logits: torch.Tensor, batch: Mapping[str, torch.Tensor],
         clm = clm_loss(student_logits, labels)
         return {"clm": clm.detach(), "loss": clm,
                 "weights": labels.new_zeros((labels.shape[0], 0), dtype=torch.float32)}
-    weights = strategy.source_weights(batch)
+    weights, gate = strategy.select(batch)
     kd_weights = weights if strategy.kd_trains_weights else weights.detach()
     t_ids, t_probs = _teacher_entries(batch["teacher_ids"], batch["teacher_logprobs"], kd_weights, labels,
-                                      student_logits.shape[-1], temperature)
+                                      student_logits.shape[-1])
     lam = float(clm_weight)
     ids = torch.cat([label_ids, t_ids], dim=-1)
     probs = torch.cat([label_probs * lam, t_probs * (1.0 - lam)], dim=-1) / n
@@ -599,14 +860,10 @@ def fusion_loss(student_logits: torch.Tensor, batch: Mapping[str, torch.Tensor],
         clm = (neg_logp[..., 0] * label_probs[..., 0]).sum() / n
         kd = (neg_logp[..., 1:] * t_probs.detach()).sum() / n
     out: dict[str, torch.Tensor] = {"clm": clm, "kd": kd}
-    for name, value in strategy.aux_losses(batch, weights).items():
+    for name, value in strategy.aux_losses(batch, weights, gate).items():
         out[name] = value
         loss = loss + value
-    logged = weights.detach()
-    if logged.ndim == 3:  # per position: each sequence's mean over its labelled positions
-        m = labelled[:, None, :].to(logged.dtype)
-        logged = (logged * m).sum(-1) / m.sum(-1).clamp_min(1)
-    out.update(loss=loss, weights=logged)
+    out.update(loss=loss, weights=sequence_weights(weights, labels))
     return out
 
 
@@ -617,16 +874,14 @@ class FusionModel(nn.Module):
     """
 
     BATCH_KEYS = ("input_ids", "attention_mask", "labels", "teacher_ids", "teacher_logprobs",
-                  "teacher_aligned", "seq_ce")
+                  "teacher_aligned", "teacher_exact", "nll_per_byte")
 
-    def __init__(self, student: nn.Module, strategy: FusionStrategy, *, clm_weight: float, temperature: float):
+    def __init__(self, student: nn.Module, strategy: FusionStrategy, *, clm_weight: float):
         super().__init__()
         self.student = student
         self.strategy = strategy
         self.clm_weight = float(clm_weight)
-        self.temperature = float(temperature)
 
     def forward(self, **batch: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        return fusion_loss(out.logits, batch, self.strategy, clm_weight=self.clm_weight,
-                           temperature=self.temperature)
+        return fusion_loss(out.logits, batch, self.strategy, clm_weight=self.clm_weight)

@@ -30,13 +30,44 @@ class SourceScores:
     topk_ids: np.ndarray       # int64 [n_s, k], source vocabulary
     topk_logprobs: np.ndarray  # float32 [n_s, k], log-softmax(logits / T)
     token_ce: np.ndarray       # float32 [n_s - 1], -log p(next token) at T = 1
+    predicted_bytes: int = 0   # UTF-8 bytes of the text covered by the predicted tokens 1 .. n_s - 1
     # Restricted top-k at the marginal queries (`marginal`), in the order they were asked:
     marginal_ids: np.ndarray | None = None       # int64 [q, k] source ids, -inf rows padded with 0
     marginal_logprobs: np.ndarray | None = None  # float32 [q, k], log p_T(v | v starts with c)
 
     @property
     def seq_ce(self) -> float:
+        """Mean CE per source token: a diagnostic only (not comparable across tokenizers)."""
         return float(self.token_ce.mean()) if len(self.token_ce) else 0.0
+
+    @property
+    def nll_per_byte(self) -> float:
+        """The score strategies compare: NLL (nats) of the predicted tokens per UTF-8 byte they cover."""
+        return per_byte_nll(self.token_ce, self.predicted_bytes)
+
+
+def per_byte_nll(token_ce: np.ndarray, predicted_bytes: int) -> float:
+    """Summed next-token NLL (nats) divided by the UTF-8 bytes the predicted tokens cover; NaN
+    when they cover none (a source that could not score the document never wins a comparison).
+
+    Per-token CE is not comparable across tokenizers: at equal quality a tokenizer with fewer
+    bytes per token shows a lower CE per token. Per byte, every source pays for the same text.
+    The first token (the start token, which nothing predicts) is excluded for every source alike.
+    A lossy tokenizer (WordPiece drops case and collapses whitespace) is charged for the bytes of
+    the ORIGINAL text its tokens span, whitespace and case included: what it does not predict
+    comes free, so its score is a lower bound of what predicting the exact text would cost.
+    """
+    if predicted_bytes <= 0:
+        return float("nan")
+    return float(np.asarray(token_ce, dtype=np.float64).sum() / predicted_bytes)
+
+
+def covered_bytes(text: str, encoded: EncodedText) -> int:
+    """UTF-8 bytes of `text` covered by tokens 1 .. n-1 of its encoding (those a model predicts)."""
+    ends = np.asarray(encoded.ends)
+    if len(ends) < 2:
+        return 0
+    return len(text[int(ends[0]):int(ends[-1])].encode("utf-8"))
 
 
 @dataclass
@@ -46,10 +77,11 @@ class TeacherRecord:
     ids: np.ndarray        # int64 [n_t, k], target vocabulary
     logprobs: np.ndarray   # float32 [n_t, k]; -inf marks an unused entry
     aligned: np.ndarray    # bool [n_t]: the position holds a teacher distribution (not a fallback)
-    seq_ce: float          # the source's mean CE on the document (its own tokens)
+    seq_ce: float          # the source's mean CE per token of its own (a diagnostic: not comparable across sources)
     source_tokens: int
     label: np.ndarray | None = None  # uint8 [n_t]: alignment label as realised (alignment.LABEL_NAMES)
     token_ce: np.ndarray | None = None  # float32 [n_s - 1]: the source's CE of each of its own next tokens
+    nll_per_byte: float = float("nan")  # the source's NLL (nats) per UTF-8 byte of the document: the score
 
 
 def score_documents(model, tokenizer, texts: Sequence[str], *, top_k: int, temperature: float = 1.0,
@@ -118,6 +150,7 @@ def score_documents(model, tokenizer, texts: Sequence[str], *, top_k: int, tempe
             results[i] = SourceScores(topk_ids=top_ids[r, :n].astype(np.int64),
                                       topk_logprobs=top_lp[r, :n].astype(np.float32),
                                       token_ce=ce[r, :n - 1].astype(np.float32),
+                                      predicted_bytes=covered_bytes(texts[i], encoded[i]),
                                       marginal_ids=m_ids, marginal_logprobs=m_lp)
         done_tokens += sum(lengths)
         if progress is not None:
@@ -315,12 +348,13 @@ def project_to_target(scores: SourceScores, alignment, target: EncodedText, src_
     lp[fallback, 0] = 0.0
     aligned = label < FALLBACK
     return TeacherRecord(ids=ids, logprobs=lp, aligned=aligned, seq_ce=scores.seq_ce,
-                         source_tokens=len(scores.topk_ids), label=label)
+                         source_tokens=len(scores.topk_ids), label=label, nll_per_byte=scores.nll_per_byte)
 
 
 # ---------------------------------------------------------------- shards
 
-SHARD_FORMAT = 2  # columns: doc_id, domain, positions, ids, logprobs, aligned, label, token_ce, seq_ce, source_tokens
+SHARD_FORMAT = 3  # columns: doc_id, domain, positions, ids, logprobs, aligned, label, token_ce, seq_ce,
+                  # source_tokens, nll_per_byte (3: the per-byte score)
 
 
 def id_dtype(vocab_size: int):
@@ -351,6 +385,7 @@ def write_shard(path: Path, doc_ids: Sequence[str], domains: Sequence[str], reco
         "token_ce": pa.array([np.zeros(0, np.float16) if r.token_ce is None else r.token_ce.astype(np.float16)
                               for r in records], pa.list_(pa.float16())),
         "seq_ce": pa.array([r.seq_ce for r in records], pa.float32()),
+        "nll_per_byte": pa.array([r.nll_per_byte for r in records], pa.float32()),
         "source_tokens": pa.array([r.source_tokens for r in records], pa.int32()),
     }, metadata={"top_k": str(k), "vocab_size": str(vocab_size)})
     tmp = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}")
@@ -381,6 +416,7 @@ def read_shards(folder: Path) -> dict[str, TeacherRecord]:
         cols = {c: table.column(c).to_pylist() for c in ("doc_id", "positions", "seq_ce", "source_tokens")}
         ids_col, lp_col, al_col = table.column("ids"), table.column("logprobs"), table.column("aligned")
         lab_col = table.column("label") if "label" in table.column_names else None
+        nb_col = table.column("nll_per_byte").to_pylist() if "nll_per_byte" in table.column_names else None
         ce_col = table.column("token_ce") if "token_ce" in table.column_names else None
         for row, doc_id in enumerate(cols["doc_id"]):
             n = cols["positions"][row]
@@ -393,7 +429,8 @@ def read_shards(folder: Path) -> dict[str, TeacherRecord]:
                        np.asarray(lab_col[row].values.to_numpy(zero_copy_only=False), dtype=np.uint8)),
                 token_ce=(None if ce_col is None else
                           np.asarray(ce_col[row].values.to_numpy(zero_copy_only=False), dtype=np.float32)),
-                seq_ce=float(cols["seq_ce"][row]), source_tokens=int(cols["source_tokens"][row]))
+                seq_ce=float(cols["seq_ce"][row]), source_tokens=int(cols["source_tokens"][row]),
+                nll_per_byte=float("nan") if nb_col is None or nb_col[row] is None else float(nb_col[row]))
     return out
 
 
@@ -407,6 +444,7 @@ class TeacherRunStats:
     ce_by_domain: dict[str, float]
     # positions per realised alignment label (alignment.LABEL_NAMES), per domain
     labels_by_domain: dict[str, np.ndarray] | None = None
+    nll_per_byte_by_domain: dict[str, float] | None = None  # nats per UTF-8 byte: the comparable score
 
     def metrics(self) -> dict[str, float]:
         m = {"documents": self.documents, "source_tokens": self.source_tokens,
@@ -416,6 +454,8 @@ class TeacherRunStats:
         for d, ce in self.ce_by_domain.items():
             m[f"ce.{d}"] = ce
             m[f"perplexity.{d}"] = float(np.exp(ce))
+        for d, nb in (self.nll_per_byte_by_domain or {}).items():
+            m[f"bits_per_byte.{d}"] = nb / float(np.log(2.0))
         if self.labels_by_domain:
             from fusion_core.alignment import coverage_metrics
 
@@ -486,16 +526,18 @@ class ShardStats:
     ce_sum: dict[str, float] | None = None
     ce_n: dict[str, int] | None = None
     labels: dict[str, list[int]] | None = None
+    text_bytes: dict[str, int] | None = None  # UTF-8 bytes the predicted tokens cover, per domain
 
     def to_json(self) -> dict:
         return {"documents": self.documents, "source_tokens": self.source_tokens,
                 "target_positions": self.target_positions, "bytes": self.bytes, "seconds": self.seconds,
-                "ce_sum": self.ce_sum or {}, "ce_n": self.ce_n or {}, "labels": self.labels or {}}
+                "ce_sum": self.ce_sum or {}, "ce_n": self.ce_n or {}, "labels": self.labels or {},
+                "text_bytes": self.text_bytes or {}}
 
     @classmethod
     def from_json(cls, d: dict) -> "ShardStats":
-        return cls(**{k: d[k] for k in ("documents", "source_tokens", "target_positions", "bytes", "seconds",
-                                        "ce_sum", "ce_n", "labels")})
+        return cls(**{k: d.get(k) for k in ("documents", "source_tokens", "target_positions", "bytes", "seconds",
+                                            "ce_sum", "ce_n", "labels", "text_bytes")})
 
 
 def read_shard_stats(folder: Path, spec: ShardSpec) -> ShardStats:
@@ -549,7 +591,7 @@ def score_shard(model, src_tokenizer, tgt_tokenizer, docs: Sequence[Document], a
         doc = docs[exc.index]
         raise TeacherError(f"source {source_name!r} returned non-finite (NaN/inf) logits on document {doc.id!r} "
                            f"({doc.domain}); no shard was written") from None
-    stats = ShardStats(ce_sum={}, ce_n={}, labels={})
+    stats = ShardStats(ce_sum={}, ce_n={}, labels={}, text_bytes={})
     records = []
     for doc, enc, sc in zip(docs, encoded, scores):
         target = encode_document(tgt_tokenizer, doc.text)
@@ -565,6 +607,7 @@ def score_shard(model, src_tokenizer, tgt_tokenizer, docs: Sequence[Document], a
         stats.target_positions += len(target)
         stats.ce_sum[doc.domain] = stats.ce_sum.get(doc.domain, 0.0) + float(sc.token_ce.astype(np.float64).sum())
         stats.ce_n[doc.domain] = stats.ce_n.get(doc.domain, 0) + len(sc.token_ce)
+        stats.text_bytes[doc.domain] = stats.text_bytes.get(doc.domain, 0) + int(sc.predicted_bytes)
     path = folder / spec.name
     stats.bytes = write_shard(path, [d.id for d in docs], [d.domain for d in docs], records, len(tgt_tokenizer))
     stats.documents = len(docs)
@@ -587,7 +630,10 @@ def aggregate_stats(parts: Sequence[ShardStats], seconds: float) -> TeacherRunSt
     ce_sum: dict[str, float] = {}
     ce_n: dict[str, int] = {}
     labels: dict[str, np.ndarray] = {}
+    text_bytes: dict[str, int] = {}
     for p in parts:
+        for d, v in (p.text_bytes or {}).items():
+            text_bytes[d] = text_bytes.get(d, 0) + int(v)
         for d, v in (p.ce_sum or {}).items():
             ce_sum[d] = ce_sum.get(d, 0.0) + v
         for d, v in (p.ce_n or {}).items():
@@ -598,7 +644,9 @@ def aggregate_stats(parts: Sequence[ShardStats], seconds: float) -> TeacherRunSt
                            target_positions=sum(p.target_positions for p in parts), seconds=seconds,
                            bytes=sum(p.bytes for p in parts),
                            ce_by_domain={d: ce_sum[d] / ce_n[d] for d in sorted(ce_sum) if ce_n.get(d)},
-                           labels_by_domain=labels)
+                           labels_by_domain=labels,
+                           nll_per_byte_by_domain={d: ce_sum[d] / text_bytes[d] for d in sorted(ce_sum)
+                                                   if text_bytes.get(d)})
 
 
 def run_teacher(model, src_tokenizer, tgt_tokenizer, docs: Sequence[Document], alignments: dict,
@@ -667,5 +715,6 @@ def iter_fusion_examples(docs: Sequence[Document], tgt_tokenizer,
             teacher_ids=np.stack([r.ids for r in recs]) if recs else np.zeros((0, n, k), np.int64),
             teacher_logprobs=np.stack([r.logprobs for r in recs]) if recs else np.zeros((0, n, k), np.float32),
             teacher_aligned=np.stack([r.aligned for r in recs]) if recs else np.zeros((0, n), bool),
-            teacher_seq_ce=np.asarray([r.seq_ce for r in recs], dtype=np.float32),
+            teacher_nll_per_byte=np.asarray([r.nll_per_byte for r in recs], dtype=np.float32),
+            teacher_label=np.stack([_label_of(r) for r in recs]) if recs else None,
         )

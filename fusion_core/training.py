@@ -38,7 +38,8 @@ import torch
 from fusion_core.errors import FusionError
 from fusion_core.workspace import write_json_atomic
 from fusion_core.fusion import (
-    FusionExample, FusionModel, collate, selection_counts, source_count, strategy_from_config,
+    FusionExample, FusionModel, collate, oracle_routing, routing_report, selection_counts, source_count,
+    strategy_from_config,
 )
 
 log_ = logging.getLogger(__name__)
@@ -334,10 +335,13 @@ def train_target(model_dir: Path, examples: Sequence[FusionExample], *, fusion, 
             torch.manual_seed(training.seed)
             student = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
             student.config.use_cache = False
+            if training.reinit_target:
+                reinitialize(student, int(training.seed))
+            strategy.prepare(examples)
             tok = AutoTokenizer.from_pretrained(str(model_dir))
             pad_id = next((int(x) for x in (tok.pad_token_id, student.config.pad_token_id, tok.eos_token_id)
                            if x is not None), 0)
-            model = FusionModel(student, strategy, clm_weight=fusion.clm_weight, temperature=fusion.temperature)
+            model = FusionModel(student, strategy, clm_weight=fusion.clm_weight)
             model.train()
             selector_lr = fusion.adaptive.learning_rate if fusion.strategy == "adaptive" else None
             optimizer = _make_optimizer(model, training, selector_lr)
@@ -355,6 +359,7 @@ def train_target(model_dir: Path, examples: Sequence[FusionExample], *, fusion, 
                 "micro_batch_size": int(training.micro_batch_size),
                 "gradient_accumulation": int(training.gradient_accumulation),
                 "world_size": int(world), "seed": int(training.seed), "num_sources": int(K),
+                "reinit_target": bool(training.reinit_target),
                 "strategy": strategy.name,
                 "strategy_parameters": {k: list(v.shape) for k, v in strategy.state_dict().items()},
             }
@@ -403,7 +408,8 @@ def train_target(model_dir: Path, examples: Sequence[FusionExample], *, fusion, 
                 for micro in range(gas):
                     pos = micro_batch_position(step, micro, rank=rank, world_size=world, micro_batch_size=mbs,
                                                gradient_accumulation=gas)
-                    batch = collate([examples[i] for i in order.indices(pos, mbs)], pad_id)
+                    picked = [examples[i] for i in order.indices(pos, mbs)]
+                    batch = collate(picked, pad_id)
                     n_tok = int(batch.pop("lengths").sum())
                     batch = {k: v.to(device) for k, v in batch.items()}
                     out = engine(**batch)
@@ -419,7 +425,7 @@ def train_target(model_dir: Path, examples: Sequence[FusionExample], *, fusion, 
                                                f"({parts}); training stopped before applying it; {kept}")
                     engine.backward(out["loss"])
                     engine.step()
-                    win.add(out, n_tok)
+                    win.add(out, n_tok, [ex.domain for ex in picked], batch["nll_per_byte"])
                 step += 1
                 win.steps += 1
                 win.seconds += time.perf_counter() - t0
@@ -441,6 +447,9 @@ def train_target(model_dir: Path, examples: Sequence[FusionExample], *, fusion, 
                                                                     micro_batch_size=mbs, gradient_accumulation=gas)
                                                / len(examples)))
                     win = _Window(win.K)
+                    if step == total:   # how the trained strategy routes every training document
+                        metrics.update(_final_routing(engine, model, examples, source_names, pad_id,
+                                                      int(training.zero_stage)))
                     if rank == 0:
                         history.append((step, dict(metrics)))
                         if log is not None:
@@ -462,6 +471,44 @@ def train_target(model_dir: Path, examples: Sequence[FusionExample], *, fusion, 
         torch.set_num_threads(old_threads)
 
 
+def reinitialize(model: torch.nn.Module, seed: int) -> None:
+    """Draw fresh weights for a decoder from `seed` with the usual transformer rule (the same
+    seed gives the same weights): linear and embedding weights ~ N(0, initializer_range), biases
+    0, norm weights 1. Tied weights stay tied. Written out rather than through transformers'
+    `_init_weights`, which skips parameters that were loaded from a checkpoint."""
+    std = float(getattr(getattr(model, "config", None), "initializer_range", None) or 0.02)
+    gen = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            bias = getattr(module, "bias", None)
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * std)
+                if isinstance(bias, torch.Tensor):
+                    bias.zero_()
+            elif "Norm" in type(module).__name__ and isinstance(weight, torch.Tensor):
+                weight.fill_(1.0)
+                if isinstance(bias, torch.Tensor):
+                    bias.zero_()
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+
+
+def _final_routing(engine, model: FusionModel, examples, source_names, pad_id: int, zero_stage: int) -> dict:
+    """The trained strategy's routing over every training document (`fusion.routing_report`)."""
+    strategy = model.strategy
+    if not strategy.uses_teachers:
+        return {}
+    params = list(strategy.parameters())
+    ctx = contextlib.nullcontext()
+    if zero_stage == 3 and params:
+        import deepspeed
+
+        ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    with ctx:
+        return routing_report(strategy, examples, source_names, pad_id=pad_id)
+
+
 class _Window:
     """Running sums for one logging window."""
 
@@ -477,8 +524,11 @@ class _Window:
         self.select = np.zeros(K, dtype=np.float64)
         self.weight = np.zeros(K, dtype=np.float64)
         self.sequences = 0
+        # per domain: [sequences, routed to the oracle, K mean weights]
+        self.by_domain: dict[str, np.ndarray] = {}
 
-    def add(self, out: dict[str, torch.Tensor], n_tok: int) -> None:
+    def add(self, out: dict[str, torch.Tensor], n_tok: int, domains: Sequence[str] = (),
+            nll_per_byte: torch.Tensor | None = None) -> None:
         for k, v in out.items():
             if k != "weights" and v.ndim == 0:
                 self.sums[k] = self.sums.get(k, 0.0) + float(v.detach())
@@ -490,6 +540,14 @@ class _Window:
             chosen, weight = selection_counts(w)
             self.select += chosen.cpu().numpy()
             self.weight += weight.cpu().numpy()
+            if domains and nll_per_byte is not None:
+                wn = w.detach().float().cpu().numpy()
+                hit = (w.detach().argmax(1).cpu() == oracle_routing(nll_per_byte.cpu())).numpy()
+                for i, d in enumerate(domains):
+                    row = self.by_domain.setdefault(d, np.zeros(2 + self.K))
+                    row[0] += 1
+                    row[1] += hit[i]
+                    row[2:] += wn[i]
 
     def metrics(self, source_names: Sequence[str], world: int, dist, device) -> dict[str, float]:
         keys = sorted(self.sums)
@@ -504,6 +562,11 @@ class _Window:
         for i, name in enumerate(source_names[: self.K]):
             m[f"select.{name}"] = float(vals[len(keys) + 1 + i] / seqs)
             m[f"weight.{name}"] = float(vals[len(keys) + 1 + self.K + i] / seqs)
+        # per-domain usage of this rank's window (domains differ between ranks' windows: not reduced)
+        for d, row in sorted(self.by_domain.items()):
+            m[f"routing_window.accuracy.{d}"] = float(row[1] / max(row[0], 1))
+            for i, name in enumerate(source_names[: self.K]):
+                m[f"weight.{name}.{d}"] = float(row[2 + i] / max(row[0], 1))
         m["lr"] = self.lr
         m["step_time_s"] = self.seconds / max(self.steps, 1)
         m["tokens_per_s"] = self.tokens / self.seconds if self.seconds > 0 else 0.0

@@ -1,7 +1,9 @@
 """Stage 5, evaluate: the fused model and its reference models on every evaluation unit, the
 knowledge-interference metrics and the run's report; the model is registered (alias candidate).
 
-The candidate's evaluation is the stage's output (reused like any stage's). The references
+The candidate's evaluation is the stage's output (reused like any stage's): its metrics and its
+per-item results (`items.jsonl`, fusion_core.eval_items), which a later study bootstraps over.
+Held-out perplexity reads `<evaluation.split>.jsonl` of the prepared data. The references
 (the target before fusion, the clm baseline, each single-source model, optionally the sources)
 are evaluated on every run, each unit reused from MLflow when that exact model was already
 evaluated with the same settings, so the report always compares against every reference
@@ -17,13 +19,15 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from fusion_core.data import read_documents
+from fusion_core.errors import FusionError
+from fusion_core.eval_items import ITEMS_FILE, read_items, write_items
 from fusion_core.eval_report import ModelEvaluation, write_report
 from fusion_core.evaluation import materialize_tasks
 from fusion_core.evaluation_suite import EvalSettings, unit_keys
 from fusion_core.models import resolve_device
 from tasks.common import run_logger
 from tasks.eval_cache import EvalSubject, SubjectEvaluation, evaluate_subject
-from tasks.references import ReferenceModel
+from tasks.references import ReferenceModel, reference_labels
 from tasks.registry import RegisteredVersion, register_target
 from tasks.stage import RunContext, StageResult, run_stage, stage_key
 from tasks.tracking import clean_metrics
@@ -69,7 +73,7 @@ def evaluate(ctx: RunContext, data: StageResult, training: StageResult,
     settings = EvalSettings.from_config(ecfg, device=device, seed=cfg.seed, max_length=cfg.data.max_length)
     keys = unit_keys(settings, documents_key=data.key)
     key = stage_key("evaluate", evaluation_section(ecfg), training.key, data.key)
-    docs = read_documents(data.path / "validation.jsonl") if ecfg.perplexity else []
+    docs = _held_out_documents(data.path, settings.split) if ecfg.perplexity else []
     include = materialize_tasks(cfg.workspace.root / "cache" / "lm_eval_tasks")
     evals: dict[str, SubjectEvaluation] = {}
     out = EvaluationSummary(stage=None, registered=None)  # type: ignore[arg-type]
@@ -82,6 +86,7 @@ def evaluate(ctx: RunContext, data: StageResult, training: StageResult,
         ev = run_subject(EvalSubject(CANDIDATE, training.path / "model", "candidate"))
         evals[CANDIDATE] = ev
         (tmp / "evaluation.json").write_text(json.dumps(ev.to_dict(), indent=2))
+        write_items(tmp / ITEMS_FILE, ev.all_items())
         for unit, details in ev.details.items():
             (tmp / f"{unit.replace(':', '_')}.json").write_text(json.dumps(details, indent=2, default=str))
         meta["failures"] = ev.failures
@@ -95,15 +100,18 @@ def evaluate(ctx: RunContext, data: StageResult, training: StageResult,
                                           metrics=dict(result.metrics), failures=stored.get("failures", {}),
                                           reused={u: stored["run_id"] for u in stored.get("computed", [])})
             candidate.metrics.pop("eval.failed_units", None)
+            candidate.items = {"stored": read_items(result.path / ITEMS_FILE)}
         others = [run_subject(s) for s in _subjects(ctx, training, references)[1:]]
-        models = [ModelEvaluation(e.label, e.role, e.metrics, e.failures, tuple(e.computed), tuple(e.reused))
-                  for e in [candidate, *others]]
+        models = [ModelEvaluation(e.label, e.role, e.metrics, e.failures, tuple(e.computed), tuple(e.reused),
+                                  e.all_items()) for e in [candidate, *others]]
         missing = [r.label for r in references if r.model_dir is None]
         title = f"{cfg.name}: {cfg.fusion.strategy}" + (
             f":{cfg.fusion.single_source}" if cfg.fusion.strategy == "single" else "")
         report_dir = cfg.workspace.root / "reports" / "evaluate" / mlflow.active_run().info.run_id
+        own_label = cfg.fusion.strategy + (f":{cfg.fusion.single_source}" if cfg.fusion.strategy == "single" else "")
         inter, paths = write_report(report_dir, title=f"Evaluation of {title}", models=models, candidate=CANDIDATE,
-                                    missing_references=missing)
+                                    missing_references=missing,
+                                    candidate_is_reference=own_label in reference_labels(cfg))
         for path in paths.values():
             mlflow.log_artifact(str(path), artifact_path=REPORT_DIR)
         extra = clean_metrics(inter.metrics())
@@ -112,14 +120,24 @@ def evaluate(ctx: RunContext, data: StageResult, training: StageResult,
         mlflow.set_tag("missing_references", ",".join(missing) or "none")
         out.metrics = {**result.metrics, **extra}
         out.report = {k: str(v) for k, v in paths.items()}
-        if inter.value is not None:
-            logger.info(f"knowledge interference {inter.value:.4f} against {', '.join(inter.references)}; "
+        if inter.measured:
+            figures = "; ".join(f"{unit} {est.text()}" for unit, est in inter.units.items())
+            logger.info(f"knowledge interference {figures} against {', '.join(inter.references)}; "
                         f"{inter.tasks_hurt} of {len(inter.tasks)} tasks hurt (report: {paths['markdown']})")
         out.registered = register_target(ctx, training, result, logger, data_key=data.key)
         mlflow.set_tags({"registered_model": out.registered.name, "registered_version": out.registered.version})
 
     out.stage = run_stage(ctx, "evaluate", key, evaluation_section(ecfg), build, logger, after=after)
     return out
+
+
+def _held_out_documents(data_dir: Path, split: str) -> list:
+    """The prepared documents of `split` (validation or test). Raises FusionError when the
+    prepared data has no such file."""
+    path = Path(data_dir) / f"{split}.jsonl"
+    if not path.is_file():
+        raise FusionError(f"evaluation.split: {split}: the prepared data has no {path.name} ({path})")
+    return read_documents(path)
 
 
 def check_evaluation(cfg) -> None:

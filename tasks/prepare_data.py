@@ -1,4 +1,4 @@
-"""Stage 1, prepare_data: corpora -> cleaned, chunked train/validation documents."""
+"""Stage 1, prepare_data: corpora -> cleaned, chunked train / validation / test documents."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +7,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from fusion_core.config import CorpusConfig, PipelineConfig
-from fusion_core.demo_corpus import CORPUS_VERSION
-from fusion_core.data import DataError, clean_text, prepare_documents, read_corpus_texts, write_documents
+from fusion_core.data import (
+    SPLITS, CorpusTexts, DataError, clean_text, prepare_documents, read_corpus_texts, write_documents,
+)
+from fusion_core.demo_corpus import builtin_corpus_version
 from fusion_core.models import load_tokenizer
 from tasks.common import run_logger
 from tasks.stage import RunContext, StageResult, run_stage, stage_key
@@ -22,8 +24,7 @@ def corpus_path(c: CorpusConfig, cfg: PipelineConfig) -> Path:
 
     domain = c.builtin.split(":", 1)[1]
     out = cfg.workspace.root / "builtin" / f"demo-seed{cfg.data.seed}"
-    paths = write_demo_corpus(out, seed=cfg.data.seed)
-    return paths[domain]
+    return write_demo_corpus(out, seed=cfg.data.seed, domains=(domain,))[domain]
 
 
 def corpus_texts(c: CorpusConfig, cfg: PipelineConfig) -> list[str]:
@@ -48,18 +49,27 @@ def check_corpora(cfg: PipelineConfig) -> dict[str, int]:
 def prepare_data(ctx: RunContext) -> StageResult:
     cfg = ctx.config
     models = (*ctx.sources, ctx.target)
-    # Generated corpora change with the generator's version, which the fingerprint must see.
-    corpus_version = CORPUS_VERSION if any(c.builtin for c in cfg.data.corpora) else None
-    key = stage_key("prepare_data", cfg.data, corpus_version, [m.key for m in models])
+    # Generated corpora change with their generator's version, which the fingerprint must see.
+    corpus_versions = {c.builtin: builtin_corpus_version(c.builtin.split(":", 1)[1])
+                       for c in cfg.data.corpora if c.builtin} or None
+    key = stage_key("prepare_data", cfg.data, corpus_versions, [m.key for m in models])
+    logger = run_logger()
 
     def build(tmp: Path, meta: dict) -> dict[str, float]:
         tokenizers = [load_tokenizer(m.path) for m in models]
-        corpora = [(c.name, c.domain, corpus_texts(c, cfg)) for c in cfg.data.corpora]
+        corpora = [CorpusTexts(c.name, c.domain, corpus_texts(c, cfg), c.heldout) for c in cfg.data.corpora]
         prepared = prepare_documents(corpora, tokenizers=tokenizers, max_length=cfg.data.max_length,
-                                     min_chars=cfg.data.min_chars,
-                                     validation_fraction=cfg.data.validation_fraction, seed=cfg.data.seed)
-        write_documents(tmp / "train.jsonl", prepared.train)
-        write_documents(tmp / "validation.jsonl", prepared.validation)
-        return prepared.stats
+                                     min_chars=cfg.data.min_chars, validation_fraction=cfg.data.validation_fraction,
+                                     test_fraction=cfg.data.test_fraction, seed=cfg.data.seed)
+        # train.jsonl feeds alignment, teachers and training; validation.jsonl every choice;
+        # test.jsonl is reported once. Held-out corpora are in validation and test only.
+        for split in SPLITS:
+            write_documents(tmp / f"{split}.jsonl", prepared.split(split))
+        stats = prepared.stats
+        logger.info("prepare_data: " + "; ".join(
+            f"{split} {stats[f'{split}_chunks']} chunks (documents: " + ", ".join(
+                f"{k.split('.', 1)[1]} {v}" for k, v in sorted(stats.items()) if k.startswith(f"{split}_documents.")
+            ) + ")" for split in SPLITS))
+        return stats
 
-    return run_stage(ctx, "prepare_data", key, cfg.data, build, run_logger())
+    return run_stage(ctx, "prepare_data", key, cfg.data, build, logger)

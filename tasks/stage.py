@@ -14,11 +14,11 @@ from tasks.tracking import TrackingContext, clean_metrics, log_dict_artifact, sa
 # Bump a stage's version when its output format or meaning changes: old outputs are then
 # not reused (the version is part of the stage fingerprint).
 STAGE_VERSIONS = {
-    "prepare_data": 1,
+    "prepare_data": 2,  # 2: a test split (test.jsonl), held-out corpora
     "align_vocabularies": 2,  # 2: labelled positions, marginalisation, report; the map rules have their own version
-    "teacher_inference": 3,  # 2: marginal positions, label column; 3: shards with sidecars, token_ce
-    "fusion_training": 1,
-    "evaluate": 2,  # 2: evaluation.json per model (cached units), report, references
+    "teacher_inference": 4,  # 2: marginal positions, label column; 3: shards with sidecars, token_ce; 4: nll_per_byte
+    "fusion_training": 2,  # 2: per-byte scores, temperature once, feedback on the gate, exact-position objective
+    "evaluate": 3,  # 2: evaluation.json per model (cached units), report, references; 3: items.jsonl, split
 }
 STAGES = tuple(STAGE_VERSIONS)
 

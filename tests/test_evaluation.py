@@ -102,6 +102,25 @@ def test_flatten_lm_eval_metrics():
     assert flatten_lm_eval_metrics({}) == {}
 
 
+def test_lm_eval_records_merge_filters_per_item():
+    from fusion_core.eval_items import lm_eval_records
+
+    results = {"samples": {"gen": [
+        {"doc_id": 0, "filter": "strict-match", "metrics": ["exact_match"], "exact_match": 1.0, "doc": {"q": "x"}},
+        {"doc_id": 0, "filter": "flexible-extract", "metrics": ["exact_match"], "exact_match": 0.0},
+        {"doc_id": 1, "filter": "strict-match", "metrics": ["exact_match"], "exact_match": 0.0},
+        {"doc_id": 1, "filter": "flexible-extract", "metrics": ["exact_match"], "exact_match": 1.0},
+    ], "mc": [{"doc_id": 3, "filter": "none", "metrics": ["acc", "acc_norm", "bleu"], "acc": True, "acc_norm": 0.0,
+               "bleu": ["ref", "pred"]}]}}
+    assert lm_eval_records("lm_eval:x", results) == [
+        {"unit": "lm_eval:x", "kind": "question", "task": "eval.gen", "id": "0",
+         "scores": {"exact_match.strict-match": 1.0, "exact_match.flexible-extract": 0.0}},
+        {"unit": "lm_eval:x", "kind": "question", "task": "eval.gen", "id": "1",
+         "scores": {"exact_match.strict-match": 0.0, "exact_match.flexible-extract": 1.0}},
+        {"unit": "lm_eval:x", "kind": "question", "task": "eval.mc", "id": "3", "scores": {"acc": 1.0, "acc_norm": 0.0}},
+    ]
+
+
 def test_json_safe():
     import numpy as np
 
@@ -296,8 +315,22 @@ def test_evaluate_units_runs_each_unit_on_one_loaded_model(tiny_models, include_
     for domain in ("prose", "code", "arithmetic", "all"):
         for key in ("perplexity", "bits_per_byte", "nll_per_token", "tokens", "documents"):
             assert f"ppl.{domain}.{key}" in ppl.metrics
+    # Per document: its bits and bytes, so that a set's bits per byte is sum bits / sum bytes.
+    assert [(r["id"], r["domain"], r["bytes"]) for r in ppl.items] == [
+        (d.id, d.domain, len(d.text.encode("utf-8"))) for d in DOCS]
+    for domain in ("prose", "code", "arithmetic"):
+        rows = [r for r in ppl.items if r["domain"] == domain]
+        assert sum(r["bits"] for r in rows) / sum(r["bytes"] for r in rows) == pytest.approx(
+            ppl.metrics[f"ppl.{domain}.bits_per_byte"], rel=1e-9)
+        assert sum(r["tokens"] for r in rows) == ppl.metrics[f"ppl.{domain}.tokens"]
     task = out["lm_eval:fusion_arith_mc"]
     assert task.details["results"]["fusion_arith_mc"]["acc,none"] == task.metrics["eval.fusion_arith_mc.acc"]
     assert all(k.startswith("eval.fusion_arith_mc.") for k in task.metrics)
+    # Per question: lm-eval's own 0/1 per sample, agreeing with its aggregate; prompts not kept.
+    assert "samples" not in task.details and [r["id"] for r in task.items] == ["0", "1", "2"]
+    for metric in ("acc", "acc_norm"):
+        values = [r["scores"][metric] for r in task.items]
+        assert set(values) <= {0.0, 1.0}
+        assert sum(values) / 3 == pytest.approx(task.metrics[f"eval.fusion_arith_mc.{metric}"])
     with pytest.raises(ValueError, match="not in the settings"):
         evaluate_units(tiny_models["wordpiece"], ["humaneval"], settings)

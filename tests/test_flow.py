@@ -238,7 +238,10 @@ def test_pipeline_trains_missing_references_and_measures_interference(tmp_path, 
                                                         "evaluation.train_references": True})
     first = run_pipeline(path)
     assert first["metrics"]["interference.references"] == 3
-    assert first["metrics"]["interference"] >= 0 and "interference.tasks_hurt" in first["metrics"]
+    for unit in ("bpb", "acc"):  # one figure per unit, each with its bootstrap interval
+        m = first["metrics"]
+        assert m[f"interference.{unit}.lo"] <= m[f"interference.{unit}"] <= m[f"interference.{unit}.hi"]
+    assert "interference" not in first["metrics"] and "interference.tasks_hurt" in first["metrics"]
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=first["tracking_uri"])
@@ -250,10 +253,12 @@ def test_pipeline_trains_missing_references_and_measures_interference(tmp_path, 
     assert evaluate.data.tags["missing_references"] == "none"
     report = client.download_artifacts(evaluate.info.run_id, "report/evaluation.md", str(tmp_path))
     text = open(report).read()
-    assert "interference =" in text and "| single:words |" in text and "Missing references" not in text
+    assert "bits per byte: interference =" in text and "accuracy: interference =" in text
+    assert "| single:words |" in text and "Missing references" not in text
 
     second = run_pipeline(path)
     assert all(s["reused"] for s in second["stages"].values())
     again = client.search_runs([exp], f"tags.mlflow.parentRunId = '{second['run_id']}' and tags.stage = 'fusion_training'")
     assert [r.info.run_name for r in again] == ["fusion_training"]  # the references were found, not retrained
-    assert second["metrics"]["interference"] == pytest.approx(first["metrics"]["interference"])
+    assert second["metrics"]["interference.bpb"] == pytest.approx(first["metrics"]["interference.bpb"])
+    assert second["metrics"]["interference.bpb.hi"] == pytest.approx(first["metrics"]["interference.bpb.hi"])

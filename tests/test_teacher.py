@@ -33,6 +33,8 @@ def test_scores_equal_direct_computation(byte_model, temperature):
         np.testing.assert_allclose(sc.topk_logprobs, lp.numpy(), atol=1e-5)
         # Per-sequence CE is the model's own loss (mean next-token CE, at temperature 1).
         assert sc.seq_ce == pytest.approx(out.loss.item(), abs=1e-5)
+        # The score strategies compare: the summed NLL per UTF-8 byte of the text.
+        assert sc.nll_per_byte == pytest.approx(out.loss.item() * (ids.shape[1] - 1) / len(text.encode()), rel=1e-5)
 
 
 def test_topk_logsumexp_equals_torch_and_keeps_non_finite_rows():
@@ -216,3 +218,4 @@ def test_shards_hold_per_token_ce(byte_model, tmp_path):
         sc = score_documents(model, tok, [d.text], top_k=4)[0]
         np.testing.assert_allclose(recs[d.id].token_ce, sc.token_ce, rtol=2e-3, atol=2e-3)  # float16
         assert recs[d.id].seq_ce == pytest.approx(sc.seq_ce, abs=1e-5)
+        assert recs[d.id].nll_per_byte == pytest.approx(sc.nll_per_byte, rel=1e-5)
