@@ -387,6 +387,11 @@ def reproduce(config: Path = typer.Argument(..., help="pipeline YAML"),
                                       variants=list(variants or []) or None, overrides=list(overrides or []))
     except Exception as exc:
         _fail(exc)
+    _show_report(result, json_out)
+
+
+def _show_report(result: dict, json_out: bool) -> None:
+    """A sweep's or study's outcome: its JSON, or its markdown report and where it lies."""
     if json_out:
         typer.echo(json.dumps(result, indent=2, default=str))
         return
@@ -432,14 +437,7 @@ def study(config: Path = typer.Argument(..., help="pipeline YAML"),
                                   resamples=resamples)
     except Exception as exc:
         _fail(exc)
-    if json_out:
-        typer.echo(json.dumps(result, indent=2, default=str))
-        return
-    from rich.console import Console
-    from rich.markdown import Markdown
-
-    Console().print(Markdown(Path(result["report"]).read_text()))
-    typer.echo(f"report: {result['report']}  ({result['seconds'] / 60:.1f} min; MLflow run {result['run_id']})")
+    _show_report(result, json_out)
 
 
 server_app = typer.Typer(no_args_is_help=True, help="The workspace's Prefect server and MLflow tracking server, "

@@ -191,7 +191,7 @@ def _interference_lines(summary: dict) -> list[str]:
     if not any(i["units"] for i in inter.values()):
         return lines + ["Not measured: the sweep needs clm or a single-source variant beside the others."]
     refs = next(iter(inter.values()))["references"]
-    lines += [f"METHOD.md: one reference set R = {{{', '.join(refs)}}}; per task, best = the best seed mean in R, "
+    lines += [f"docs/method.md: one reference set R = {{{', '.join(refs)}}}; per task, best = the best seed mean in R, "
               "drop = max(0, best - seed mean). bits per byte: mean relative drop; accuracy: mean drop in accuracy "
               f"points. [lo, hi]: {boot['level']:.0%} bootstrap interval over seeds {boot['seeds']} and items "
               f"({boot['resamples']} resamples); a task is hurt when the interval on its drop excludes 0.", "",

@@ -41,6 +41,15 @@ def _check_paths(info: ValidationInfo) -> bool:
     return bool((info.context or {}).get("check_paths", True))
 
 
+class FieldProblem(ValueError):
+    """A cross-field rule (model_validator) broken, reported at the field it concerns: `field` is
+    its dotted path relative to the model that raises it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 # ---------------------------------------------------------------- models
 
 class HFModelRef(Section):
@@ -184,14 +193,18 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _unique(self) -> "DataConfig":
-        _require_unique("corpus", [c.name for c in self.corpora])
+        try:
+            _require_unique("corpus", [c.name for c in self.corpora])
+        except ValueError as exc:
+            raise FieldProblem("corpora", str(exc)) from None
         return self
 
     @model_validator(mode="after")
     def _heldout_corpora(self) -> "DataConfig":
         held = [c.name for c in self.corpora if c.heldout]
         if held and len(held) == len(self.corpora):
-            raise ValueError("every corpus is held out (heldout: true): at least one must feed training")
+            raise FieldProblem("corpora",
+                               "every corpus is held out (heldout: true): at least one must feed training")
         if held and self.validation_fraction + self.test_fraction == 0:
             raise ValueError(f"held-out corpora {held} need validation_fraction + test_fraction > 0")
         return self
@@ -297,11 +310,12 @@ class TrainingConfig(Section):
     @model_validator(mode="after")
     def _nodes(self) -> "TrainingConfig":
         if self.node_rank >= self.nnodes:
-            raise ValueError(f"node_rank {self.node_rank} must be less than nnodes {self.nnodes}: nodes are "
-                             f"numbered 0 .. {self.nnodes - 1}")
+            raise FieldProblem("node_rank", f"node_rank {self.node_rank} must be less than nnodes {self.nnodes}: "
+                                            f"nodes are numbered 0 .. {self.nnodes - 1}")
         if self.nnodes > 1 and self.rdzv_endpoint is None:
-            raise ValueError(f"rdzv_endpoint is required when nnodes is {self.nnodes}: host:port where node 0 "
-                             f"serves the rendezvous, the same on every node (e.g. node0.cluster:29500)")
+            raise FieldProblem("rdzv_endpoint", f"rdzv_endpoint is required when nnodes is {self.nnodes}: host:port "
+                                                f"where node 0 serves the rendezvous, the same on every node "
+                                                f"(e.g. node0.cluster:29500)")
         return self
 
     @property
@@ -312,7 +326,7 @@ class TrainingConfig(Section):
 
 
 class AdaptiveConfig(Section):
-    """The selection network of strategy 'adaptive' (METHOD.md); 'reference' reads tau, hidden and feedback_weight."""
+    """The selection network of strategy 'adaptive' (docs/method.md); 'reference' reads tau, hidden and feedback_weight."""
 
     tau: float = Field(0.15, gt=0, lt=1, description="threshold on the gate: sources with g_k > tau are fused")
     hidden: list[Annotated[int, Field(ge=1)]] | None = Field(
@@ -350,8 +364,9 @@ class AdaptiveConfig(Section):
     @model_validator(mode="after")
     def _oracle_only_in_ablations(self) -> "AdaptiveConfig":
         if self.scores == "oracle_token" and not self.oracle_ablation:
-            raise ValueError("scores: oracle_token feeds the gate the true next token's probability (an oracle): "
-                             "set oracle_ablation: true to run it as an ablation, or use 'confidence'")
+            raise FieldProblem("scores", "scores: oracle_token feeds the gate the true next token's probability (an "
+                                         "oracle): set oracle_ablation: true to run it as an ablation, or use "
+                                         "'confidence'")
         return self
 
 
@@ -366,9 +381,9 @@ class FusionConfig(Section):
     @classmethod
     def _temperature_once(cls, data):
         if isinstance(data, dict) and "temperature" in data:
-            raise ValueError("fusion.temperature is gone: it applied the temperature a second time on top of "
-                             "teacher.temperature. The temperature is applied once, when the teachers score: "
-                             "set teacher.temperature")
+            raise FieldProblem("temperature", "fusion.temperature is gone: it applied the temperature a second time "
+                                              "on top of teacher.temperature. The temperature is applied once, when "
+                                              "the teachers score: set teacher.temperature")
         return data
 
 
@@ -501,14 +516,20 @@ class PipelineConfig(Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> "PipelineConfig":
         names = [s.name for s in self.sources]
-        _require_unique("source", names)
+        try:
+            _require_unique("source", names)
+        except ValueError as exc:
+            raise FieldProblem("sources", str(exc)) from None
         if self.target.name in names:
-            raise ValueError(f"target name {self.target.name!r} is also a source name")
+            raise FieldProblem("target.name", f"target name {self.target.name!r} is also a source name")
         if self.fusion.strategy == "single":
             if self.fusion.single_source is None:
-                raise ValueError("fusion.single_source is required when fusion.strategy is 'single'")
+                raise FieldProblem("fusion.single_source",
+                                   "fusion.single_source is required when fusion.strategy is 'single'")
             if self.fusion.single_source not in names:
-                raise ValueError(f"fusion.single_source {self.fusion.single_source!r} is not a source; sources: {names}")
+                raise FieldProblem("fusion.single_source",
+                                   f"fusion.single_source {self.fusion.single_source!r} is not a source; "
+                                   f"sources: {names}")
         return self
 
 
@@ -534,16 +555,82 @@ def _loc(parts: tuple) -> str:
     return out or "(top level)"
 
 
-def _problems(err: ValidationError) -> list[tuple[str, str]]:
+def _unwrap(tp: Any) -> Any:
+    """A field's type without Annotated and without the None of an optional."""
+    import types
+    from typing import get_args, get_origin
+
+    while True:
+        if get_origin(tp) is Annotated:
+            tp = get_args(tp)[0]
+        elif get_origin(tp) in (Union, types.UnionType) and type(None) in get_args(tp):
+            rest = [a for a in get_args(tp) if a is not type(None)]
+            tp = rest[0] if len(rest) == 1 else Union[tuple(rest)]
+        else:
+            return tp
+
+
+def _walk_loc(loc: tuple, model: type[BaseModel]) -> tuple[tuple, type[BaseModel] | None]:
+    """A pydantic error location without the tags of tagged unions (sources[0].model.hub.repo_id:
+    pydantic puts the model ref's kind in it), and the model whose key its last part is (None
+    where the location leaves the models)."""
+    import types
+    from typing import get_args, get_origin
+
+    out: list = []
+    tp: Any = model
+    owner: type[BaseModel] | None = None
+    for part in loc:
+        tp = _unwrap(tp)
+        origin = get_origin(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel) and isinstance(part, str):
+            owner = tp
+            field = tp.model_fields.get(part)
+            tp = field.annotation if field is not None else None
+        elif origin in (Union, types.UnionType):
+            tags = {m.model_fields["kind"].default: m for m in get_args(tp)
+                    if isinstance(m, type) and issubclass(m, BaseModel) and "kind" in m.model_fields}
+            if part in tags:  # the union's tag: not a key of the config
+                tp = tags[part]
+                continue
+            tp = owner = None
+        elif origin in (list, tuple) and isinstance(part, int) and get_args(tp):
+            args = get_args(tp)
+            tp = args[part] if origin is tuple and part < len(args) and args[-1] is not Ellipsis else args[0]
+            owner = None
+        elif origin is dict and get_args(tp):
+            tp, owner = get_args(tp)[1], None
+        else:
+            tp = owner = None
+        out.append(part)
+    return tuple(out), owner
+
+
+def _unknown_key(key: Any, owner: type[BaseModel] | None) -> str:
+    """'unknown key', with the nearest known key (did you mean ...?) or else the keys there."""
+    import difflib
+
+    if owner is None or not isinstance(key, str):
+        return "unknown key"
+    known = list(owner.model_fields)
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if close:
+        return f"unknown key; did you mean {close[0]!r}?"
+    return f"unknown key; the keys here: {', '.join(known)}"
+
+
+def _problems(err: ValidationError, model: type[BaseModel] | None = None) -> list[tuple[str, str]]:
     problems = []
     for e in err.errors(include_url=False):
-        # Tagged unions put the tag in the location (sources[0].model.hf.path): drop it.
-        loc = tuple(p for p in e["loc"] if p not in ("hf", "gguf", "package", "recipe"))
+        loc, owner = _walk_loc(tuple(e["loc"]), model or PipelineConfig)
         msg = e["msg"]
+        cause = (e.get("ctx") or {}).get("error")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = _unknown_key(loc[-1] if loc else None, owner)
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
+        if isinstance(cause, FieldProblem):  # a cross-field rule: at the field it concerns
+            loc += tuple(int(p) if p.isdigit() else p for p in cause.field.split("."))
         problems.append((_loc(loc), msg))
     return problems
 
@@ -598,6 +685,18 @@ def apply_overrides(data: dict, overrides: Sequence[str], source: str = "<config
     return out
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> tuple[str, str]:
+    """A YAML syntax error as (where, what): `line L, column C` of the file, and PyYAML's own
+    words without its `in "<unicode string>"` positions."""
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None:
+        return "(file)", f"not valid YAML: {exc}"
+    context = getattr(exc, "context", None)
+    problem = getattr(exc, "problem", None) or "syntax error"
+    what = f"{context}, {problem}" if context else problem
+    return f"line {mark.line + 1}, column {mark.column + 1}", f"not valid YAML: {what}"
+
+
 def load_config(path: Path | str, *, check_paths: bool = True, overrides: Sequence[str] = ()) -> PipelineConfig:
     """Read and validate a YAML pipeline config, with `dotted.key=value` overrides applied.
     Raises ConfigError (file, YAML, override or field problems)."""
@@ -607,7 +706,7 @@ def load_config(path: Path | str, *, check_paths: bool = True, overrides: Sequen
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(str(path), [("(file)", f"not valid YAML: {exc}")]) from None
+        raise ConfigError(str(path), [_yaml_problem(exc)]) from None
     if overrides and isinstance(data, dict):
         data = apply_overrides(data, overrides, str(path))
     return parse_config(data, base_dir=path.resolve().parent, source=str(path), check_paths=check_paths)

@@ -5,7 +5,7 @@ documents, splits whole documents deterministically into train / validation / te
 of one document never straddle splits; a held-out corpus reaches only validation and test),
 and cuts long documents along line breaks so that every chunk fits `max_length` tokens (start
 token included) in EVERY tokenizer involved. Validation is for every choice, test is reported
-once (METHOD.md, "Experimental protocol").
+once (docs/method.md, "Experimental protocol").
 """
 from __future__ import annotations
 

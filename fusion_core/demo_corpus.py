@@ -7,7 +7,7 @@
   same generator learns the style and the identifier lists; a generalist has to guess them.
 - arithmetic: worksheets of equations, column additions worked digit by digit, and word
   problems, all in lower case and all with correct answers.
-- mixed (held out: for validation and test only, METHOD.md "Experimental protocol"): documents
+- mixed (held out: for validation and test only, docs/method.md "Experimental protocol"): documents
   that switch domain inside, from the same generators on their own seed stream: generated code
   whose module docstring and comments are prose paragraphs, prose with worked arithmetic between
   its sentences, and prose around a generated function. Their prose comes from docstrings of

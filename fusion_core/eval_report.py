@@ -88,7 +88,7 @@ def write_report(out_dir: Path, *, title: str, models: list[ModelEvaluation], ca
         lines += ["Not measured: no other model of the reference set scored the candidate's tasks item by item.", ""]
     else:
         pct = f"{study.level:.0%}"
-        lines += [f"One reference set R = {{{', '.join(refs)}}} for every model (METHOD.md): on each task, best = "
+        lines += [f"One reference set R = {{{', '.join(refs)}}} for every model (docs/method.md): on each task, best = "
                   f"the best score in R; drop = max(0, best - score), 0 when the model does not fall behind. "
                   f"[lo, hi]: {pct} bootstrap interval over items ({study.resamples} resamples); a task is hurt "
                   f"when the interval on its drop excludes 0.", "",

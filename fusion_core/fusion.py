@@ -441,7 +441,7 @@ class RunningStandardizer(nn.Module):
 
 @register_strategy
 class AdaptiveStrategy(FusionStrategy):
-    """The adaptive selection network of Kong et al. 2025 (METHOD.md), as a trained module.
+    """The adaptive selection network of Kong et al. 2025 (docs/method.md), as a trained module.
 
     Inputs x: the standardised per-sequence score, x_k = (-NLL_k per byte - mu_k) / sigma_k
     (mu, sigma fitted on the training documents before training, `prepare`); the paper's

@@ -1,5 +1,5 @@
 """Knowledge interference: how much a model loses, task by task, against the best model of one
-fixed reference set, with bootstrap intervals (METHOD.md, "Knowledge interference").
+fixed reference set, with bootstrap intervals (docs/method.md, "Knowledge interference").
 
 For evaluation task j and model M, s_j(M) is the task's score oriented so that higher is better
 (bits per byte is negated), computed from per-item results (`TaskItems`):
@@ -96,7 +96,7 @@ class TaskDrop:
 
 @dataclass(frozen=True)
 class Interference:
-    """A model's knowledge interference against the reference set (METHOD.md).
+    """A model's knowledge interference against the reference set (docs/method.md).
 
     `units` maps "bpb" (mean relative drop over the bits-per-byte tasks) and "acc" (mean
     absolute drop over the accuracy tasks) to their estimates; a unit without a compared task

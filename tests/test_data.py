@@ -84,7 +84,7 @@ def test_document_file_reads_by_position(tmp_path):
     assert read_documents(tmp_path / "train.jsonl") == docs
 
 
-# ---------------------------------------------------------------- splits (METHOD.md, "Experimental protocol")
+# ---------------------------------------------------------------- splits (docs/method.md, "Experimental protocol")
 
 def _doc_ids(docs):
     return {d.id.rsplit("-", 1)[0] for d in docs}

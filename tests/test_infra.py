@@ -341,10 +341,10 @@ def _config_with_training(tmp_path: Path, training: dict) -> dict:
 
 
 @pytest.mark.parametrize("training, message", [
-    ({"nnodes": 2}, "fusion.training: rdzv_endpoint is required when nnodes is 2"),
+    ({"nnodes": 2}, "fusion.training.rdzv_endpoint: rdzv_endpoint is required when nnodes is 2"),
     ({"nnodes": 2, "node_rank": 2, "rdzv_endpoint": "n0:29500"},
-     "fusion.training: node_rank 2 must be less than nnodes 2"),
-    ({"node_rank": 1}, "fusion.training: node_rank 1 must be less than nnodes 1"),
+     "fusion.training.node_rank: node_rank 2 must be less than nnodes 2"),
+    ({"node_rank": 1}, "fusion.training.node_rank: node_rank 1 must be less than nnodes 1"),
     ({"node_rank": -1}, "fusion.training.node_rank: Input should be greater than or equal to 0"),
     ({"nnodes": 2, "rdzv_endpoint": "node0"}, "fusion.training.rdzv_endpoint: must be host:port of node 0"),
     ({"nnodes": 2, "rdzv_endpoint": "node0:99999"}, "fusion.training.rdzv_endpoint: must be host:port of node 0"),

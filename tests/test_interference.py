@@ -1,4 +1,4 @@
-"""Knowledge interference (METHOD.md) on a hand-worked table of per-item scores, its bootstrap
+"""Knowledge interference (docs/method.md) on a hand-worked table of per-item scores, its bootstrap
 intervals, the paired difference, the promotion rule, and the comparison tables."""
 from __future__ import annotations
 

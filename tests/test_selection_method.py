@@ -1,4 +1,4 @@
-"""The method's definitions, corrected (METHOD.md; docs/method.md): each test asserts a number the
+"""The method's definitions, corrected (docs/method.md; docs/method.md): each test asserts a number the
 earlier definitions got wrong. Per-byte scores, the feedback loss on the gate over a running
 window toward the data's mix, the likelihood objective on exactly aligned positions only,
 standardised selector inputs, the temperature applied once, the oracle per-token score renamed."""
