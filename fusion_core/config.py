@@ -351,6 +351,11 @@ class AdaptiveConfig(Section):
     learning_rate: float | None = Field(
         None, gt=0, description="peak learning rate of the selection network, without weight decay; the training "
                                 "schedule scales it too. null: the student's, with its weight decay")
+    fit_steps: int = Field(0, ge=0, description="Adam steps of the selection network alone on its likelihood "
+                                                "objective (and feedback) over the training documents, before the "
+                                                "student trains (objective likelihood only: it does not involve the "
+                                                "student); 0: trained jointly only, as in the paper")
+    fit_learning_rate: float = Field(1e-2, gt=0, description="learning rate of those fit_steps")
 
     @field_validator("scores", mode="before")
     @classmethod
@@ -360,6 +365,13 @@ class AdaptiveConfig(Section):
                              "an oracle; it is now 'oracle_token' (ablations only, with oracle_ablation: true). "
                              "The label-free per-token score is 'confidence'")
         return v
+
+    @model_validator(mode="after")
+    def _fit_needs_likelihood(self) -> "AdaptiveConfig":
+        if self.fit_steps and self.objective != "likelihood":
+            raise ValueError("fit_steps needs objective: likelihood (the kd objective depends on the student, so "
+                             "the selector cannot be fitted before it); set fit_steps: 0")
+        return self
 
     @model_validator(mode="after")
     def _oracle_only_in_ablations(self) -> "AdaptiveConfig":

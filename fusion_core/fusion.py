@@ -482,13 +482,15 @@ class AdaptiveStrategy(FusionStrategy):
     def from_config(cls, fusion, source_names):
         a = fusion.adaptive
         options = {"objective": a.objective, "scores": a.scores, "feedback_target": a.feedback_target,
-                   "feedback_window": a.feedback_window, **cls.FIXED}
+                   "feedback_window": a.feedback_window, "fit_steps": a.fit_steps,
+                   "fit_learning_rate": a.fit_learning_rate, **cls.FIXED}
         return cls(len(source_names), tau=a.tau, hidden=a.hidden, feedback_weight=a.feedback_weight,
                    seed=fusion.training.seed, **options)
 
     def __init__(self, num_sources: int, *, tau: float = 0.15, hidden: Sequence[int] | None = None,
                  feedback_weight: float = 0.5, objective: str = "likelihood", scores: str = "sequence",
-                 feedback_target: str = "data", feedback_window: int = 256, seed: int = 0):
+                 feedback_target: str = "data", feedback_window: int = 256, seed: int = 0,
+                 fit_steps: int = 0, fit_learning_rate: float = 1e-2, fit_batch_size: int = 16):
         super().__init__()
         if not 0 < tau < 1:
             raise ValueError(f"tau must lie in (0, 1); got {tau}")
@@ -502,7 +504,15 @@ class AdaptiveStrategy(FusionStrategy):
             raise ValueError(f"feedback_target must be 'uniform' or 'data'; got {feedback_target!r}")
         if feedback_window < 1:
             raise ValueError(f"feedback_window must be >= 1; got {feedback_window}")
+        if fit_steps < 0 or fit_learning_rate <= 0 or fit_batch_size < 1:
+            raise ValueError("fit_steps must be >= 0, fit_learning_rate > 0 and fit_batch_size >= 1")
+        if fit_steps and objective != "likelihood":
+            raise ValueError("fit_steps needs objective 'likelihood': the 'kd' objective depends on the student, "
+                             "so the selector cannot be fitted before it")
         K = int(num_sources)
+        self.fit_steps, self.fit_learning_rate, self.fit_batch_size = int(fit_steps), float(fit_learning_rate), \
+            int(fit_batch_size)
+        self.seed = int(seed)
         self.num_sources, self.tau, self.feedback_weight = K, float(tau), float(feedback_weight)
         self.objective, self.scores = objective, scores
         self.feedback_target, self.feedback_window = feedback_target, int(feedback_window)
@@ -520,21 +530,52 @@ class AdaptiveStrategy(FusionStrategy):
     def kd_trains_weights(self) -> bool:  # type: ignore[override]
         return self.objective == "kd"
 
-    @torch.no_grad()
     def prepare(self, examples):
         """Fit the input standardisation on the training documents' scores and, with
         feedback_target="data", set the balance target to the share of documents each source is
-        best on (lowest NLL per byte)."""
+        best on (lowest NLL per byte). With fit_steps, then train the selector alone on its own
+        objective over the training documents (`fit_selector`)."""
         if not examples:
             return
-        nll = torch.from_numpy(np.stack([ex.teacher_nll_per_byte for ex in examples]).astype(np.float64))
-        if nll.shape[1] != self.num_sources:
-            raise ValueError(f"the selector was built for {self.num_sources} sources; the examples have {nll.shape[1]}")
-        self.inputs.fit(-nll)
-        if self.feedback_target == "data":
-            best = oracle_routing(nll)
-            share = torch.bincount(best, minlength=self.num_sources).to(torch.float64) / len(examples)
-            self.set_balance_target(share)
+        with torch.no_grad():
+            nll = torch.from_numpy(np.stack([ex.teacher_nll_per_byte for ex in examples]).astype(np.float64))
+            if nll.shape[1] != self.num_sources:
+                raise ValueError(f"the selector was built for {self.num_sources} sources; "
+                                 f"the examples have {nll.shape[1]}")
+            self.inputs.fit(-nll)
+            if self.feedback_target == "data":
+                best = oracle_routing(nll)
+                share = torch.bincount(best, minlength=self.num_sources).to(torch.float64) / len(examples)
+                self.set_balance_target(share)
+        if self.fit_steps:
+            self.fit_selector(examples)
+
+    def fit_selector(self, examples: Sequence["FusionExample"]) -> list[float]:
+        """Train the selector alone for `fit_steps` Adam steps (learning rate `fit_learning_rate`)
+        on its likelihood objective plus the feedback term, over random batches of the training
+        documents (drawn from `seed`). The likelihood objective does not involve the student, so
+        this reaches, before the student's first step, the routing that joint training moves
+        toward only as fast as the student's schedule allows. Returns the loss per step."""
+        params = [p for p in self.selector.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=self.fit_learning_rate)
+        rng = np.random.default_rng([self.seed, 7919])
+        losses = []
+        was_training = self.training
+        self.train()
+        try:
+            for _ in range(self.fit_steps):
+                pick = rng.choice(len(examples), size=min(self.fit_batch_size, len(examples)), replace=False)
+                batch = collate([examples[i] for i in pick], pad_id=0)
+                batch.pop("lengths")
+                w, g = self.select(batch)
+                loss = sum(self.aux_losses(batch, w, g).values())
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+        finally:
+            self.train(was_training)
+        return losses
 
     def _balance(self, imp: torch.Tensor) -> torch.Tensor:
         """The importance balance of the running window (about feedback_window sequences, this
@@ -632,7 +673,7 @@ class ReferenceStrategy(AdaptiveStrategy):
     gates is seeded from training.seed and restarts with a resumed run."""
 
     name = "reference"
-    FIXED = {"objective": "kd", "scores": "sequence"}
+    FIXED = {"objective": "kd", "scores": "sequence", "fit_steps": 0}
 
     def __init__(self, num_sources: int, **kwargs):
         super().__init__(num_sources, **kwargs)

@@ -242,3 +242,18 @@ def test_confidence_scores_never_look_at_the_label():
         g1 = strat.gate(strat.selector_inputs(batch), strat.selector)
         g2 = strat.gate(strat.selector_inputs(other), strat.selector)
         assert torch.equal(g1, g2) is not sees_label, scores
+
+
+def test_fitting_the_selector_before_the_student_routes_every_document_to_its_source():
+    examples = _domain_examples(n_per_domain=(16, 8, 8))
+    names = ["a", "b", "c"]
+    joint = AdaptiveStrategy(3, seed=0)
+    joint.prepare(examples)                   # fit_steps 0: only the input statistics
+    fitted = AdaptiveStrategy(3, seed=0, fit_steps=150)
+    fitted.prepare(examples)
+    assert routing_report(joint, examples, names)["routing.accuracy.all"] < 0.7
+    report = routing_report(fitted, examples, names)
+    assert report["routing.accuracy.all"] == 1.0
+    assert report["routing.weight.b.dom1"] > 0.8
+    with pytest.raises(ValueError, match="likelihood"):
+        AdaptiveStrategy(3, objective="kd", fit_steps=10)
