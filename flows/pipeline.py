@@ -92,6 +92,9 @@ def fusion_pipeline(config_path: str, from_stage: str | None = None, parent_run_
     experiment_id = ensure_experiment(cfg)
     client = MlflowClient(tracking_uri=uri)
     fp = config_fingerprint(cfg)
+    from flows.rerun import recover_dead_runs
+
+    recover_dead_runs(client, experiment_id, fp, logger.info)  # runs of this config a kill left RUNNING
     parent = client.create_run(experiment_id, run_name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
                                tags={"pipeline": cfg.name, "config_fingerprint": fp,
                                      "strategy": cfg.fusion.strategy, **process_tags(),

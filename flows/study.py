@@ -104,8 +104,9 @@ def _slug(text: str) -> str:
 
 
 def plan_run(config_path: Path, base: Sequence[str], phase: str, variant: str, seed: int, setting: int,
-             grid: list[list[str]]) -> PlannedRun:
-    """Resolve and validate one run's config (raises ConfigError/FusionError before anything runs)."""
+             grid: list[list[str]], inputs_key: str = "") -> PlannedRun:
+    """Resolve and validate one run's config (raises ConfigError/FusionError before anything runs).
+    `inputs_key` (`inputs_fingerprint`) names the contents of the models and corpora it reads."""
     from flows.pipeline import write_resolved_config
     from flows.reproduce import variant_overrides
     from fusion_core.workspace import fingerprint
@@ -116,9 +117,21 @@ def plan_run(config_path: Path, base: Sequence[str], phase: str, variant: str, s
 
     cfg = load_config(config_path, overrides=overrides)
     resolved = write_resolved_config(cfg)
-    # the stage versions too: a journaled result of older stage code is not taken back
-    key = fingerprint(resolved.read_text(), STAGE_VERSIONS)[:16]
+    # the stage versions and the inputs' contents too: a journaled result of older stage code, or of
+    # models or corpora changed in place since, is not taken back
+    key = fingerprint(resolved.read_text(), STAGE_VERSIONS, inputs_key)[:16]
     return PlannedRun(phase, variant, seed, setting, overrides, resolved, key)
+
+
+def inputs_fingerprint(cfg: PipelineConfig) -> str:
+    """A fingerprint of the contents of every model and corpus file the study's pipelines read
+    (the same content keys the stages use; file hashes are cached by path, size and mtime)."""
+    from fusion_core.workspace import fingerprint
+    from tasks.prepare_data import corpus_contents
+    from tasks.resolve_models import resolve_models
+
+    sources, target = resolve_models(cfg)
+    return fingerprint([s.key for s in sources], target.key, corpus_contents(cfg))
 
 
 class Journal:
@@ -412,7 +425,9 @@ def fusion_study(config_path: str, seeds: list[int] | None = None, variants: lis
     domains, heldout = training_domains(cfg), heldout_domains(cfg)
     ordered = sorted(variants, key=lambda v: not is_reference(v))
     # Every tuning config is resolved and checked before anything runs.
-    tuning_plan = [plan_run(path, base, "tune", v, seeds[0], i, grid) for v in ordered for i in range(len(grid))]
+    inputs_key = inputs_fingerprint(cfg)
+    tuning_plan = [plan_run(path, base, "tune", v, seeds[0], i, grid, inputs_key)
+                   for v in ordered for i in range(len(grid))]
     journal = Journal(cfg.workspace.root / "studies" / cfg.name / "runs")
     uri = tracking_uri(cfg)
     client = MlflowClient(tracking_uri=uri)
@@ -456,7 +471,7 @@ def fusion_study(config_path: str, seeds: list[int] | None = None, variants: lis
         for v in ordered:
             rows = [t for t in tuning if t["variant"] == v]
             best[v] = min(rows, key=lambda x: (not math.isfinite(x["score"]), x["score"]))["setting"]
-        final_plan = [plan_run(path, base, "final", v, s, best[v], grid) for s in seeds for v in ordered]
+        final_plan = [plan_run(path, base, "final", v, s, best[v], grid, inputs_key) for s in seeds for v in ordered]
         final = [execute(run) for run in final_plan]
         a = analyse(final, tuning, variants, domains, heldout, resamples=resamples)
         seconds = time.perf_counter() - start

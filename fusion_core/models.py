@@ -182,19 +182,41 @@ def resolve_dtype(dtype: str, device: str):
     return table[dtype]
 
 
-def model_folder_key(path: Path) -> str:
-    """A fingerprint of a model folder: config and tokenizer contents, weight files' names and sizes.
+# Files of a model folder that nothing loads: left out of its key.
+_NOT_LOADED_SUFFIXES = {".md", ".png", ".jpg", ".jpeg", ".gif", ".svg", ".pdf"}
+_NOT_LOADED_NAMES = {"LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE", "USE_POLICY.md"}
+MODEL_KEY_VERSION = 2  # 2: the bytes of every file (weights included), *.py, the trust/pickle flags
 
-    Weights are identified by name and size (hashing gigabytes on every run would cost minutes);
-    folders this project writes are content-addressed already.
+
+def model_folder_files(path: Path) -> list[Path]:
+    """The files of a model folder its key covers: every regular file at its top level (weights,
+    config, tokenizer files, chat templates, remote code `*.py`), symlinks followed (hub
+    snapshots), hidden files and documentation left out."""
+    return [p for p in sorted(Path(path).iterdir())
+            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() not in _NOT_LOADED_SUFFIXES
+            and p.name not in _NOT_LOADED_NAMES]
+
+
+def model_folder_key(path: Path, *, trust_remote_code: bool = False, allow_pickle: bool = False,
+                     cache=None) -> str:
+    """A fingerprint of a model folder: the bytes of every file it loads from (weights, config,
+    tokenizer, `*.py`) and the loading flags (`trust_remote_code`, `allow_pickle`).
+
+    Files are hashed with a fast content hash, cached by (path, size, mtime, ctime, inode) in
+    `cache` (a filehash.FileHashCache, e.g. the workspace's), so that checking a 7B model that
+    has not changed reads none of its bytes. Raises ModelLoadError for a file that cannot be read.
     """
+    from fusion_core.filehash import FAST_ALGO, FileHashCache
+
     path = Path(path)
-    h = hashlib.sha256()
-    for p in sorted(path.iterdir()):
-        if not p.is_file():
-            continue
-        if p.suffix in (".json", ".jinja", ".txt", ".model"):
-            h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
-        elif p.suffix in (".safetensors", ".bin", ".pt"):
-            h.update(f"{p.name}:{p.stat().st_size}".encode() + b"\0")
+    cache = cache if cache is not None else FileHashCache(None)
+    h = hashlib.sha256(json.dumps({"model_key": MODEL_KEY_VERSION, "algo": FAST_ALGO,
+                                   "trust_remote_code": bool(trust_remote_code),
+                                   "allow_pickle": bool(allow_pickle)}, sort_keys=True).encode())
+    for p in model_folder_files(path):
+        try:
+            digest = cache.digest(p)
+        except OSError as exc:
+            raise ModelLoadError(f"cannot read {p}: {exc.strerror or exc}") from None
+        h.update(p.name.encode() + b"\0" + digest.encode() + b"\0")
     return h.hexdigest()[:16]

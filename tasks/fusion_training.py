@@ -202,6 +202,10 @@ def fusion_training(ctx: RunContext, data: StageResult, teacher: StageResult, re
         return {**result.metrics, "steps": result.steps, "tokens_seen": result.tokens_seen,
                 "train_seconds": result.seconds, **resumed}
 
+    # The nodes of a multi-node training build the same key at once (node 0 writes the output,
+    # the others stop with their message): each node has its own lock.
+    nodes = cfg.fusion.training.nnodes
     return run_stage(ctx, "fusion_training", key, cfg.fusion, build, logger,
                      tags={"reference": reference} if reference else None,
-                     run_name=f"fusion_training [{reference}]" if reference else None)
+                     run_name=f"fusion_training [{reference}]" if reference else None,
+                     lock_name=f"{key}.node{cfg.fusion.training.node_rank}" if nodes > 1 else "")

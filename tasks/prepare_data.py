@@ -11,6 +11,7 @@ from fusion_core.data import (
     SPLITS, CorpusTexts, DataError, clean_text, prepare_documents, read_corpus_texts, write_documents,
 )
 from fusion_core.demo_corpus import builtin_corpus_version
+from fusion_core.filehash import FileHashCache, tree_digest
 from fusion_core.models import load_tokenizer
 from tasks.common import run_logger
 from tasks.stage import RunContext, StageResult, run_stage, stage_key
@@ -45,6 +46,25 @@ def check_corpora(cfg: PipelineConfig) -> dict[str, int]:
     return counts
 
 
+def corpus_contents(cfg: PipelineConfig) -> dict[str, list[list[str]]] | None:
+    """The content of every corpus given by path (each file's digest, cached by its identity in the
+    workspace's hash cache): a corpus rewritten in place at the same path changes the key.
+    Raises DataError naming a corpus file that cannot be read."""
+    cache = FileHashCache.for_workspace(cfg.workspace.root)
+    out = {}
+    try:
+        for c in cfg.data.corpora:
+            if c.path is not None:
+                try:
+                    out[c.name] = tree_digest(c.path, cache)
+                except OSError as exc:
+                    raise DataError(f"corpus {c.name!r} ({c.path}): cannot read {exc.filename or c.path}: "
+                                    f"{exc.strerror or exc}") from None
+    finally:
+        cache.save()
+    return out or None
+
+
 @task(name="prepare_data", cache_policy=NO_CACHE, persist_result=False)
 def prepare_data(ctx: RunContext) -> StageResult:
     cfg = ctx.config
@@ -52,12 +72,15 @@ def prepare_data(ctx: RunContext) -> StageResult:
     # Generated corpora change with their generator's version, which the fingerprint must see.
     corpus_versions = {c.builtin: builtin_corpus_version(c.builtin.split(":", 1)[1])
                        for c in cfg.data.corpora if c.builtin} or None
-    key = stage_key("prepare_data", cfg.data, corpus_versions, [m.key for m in models])
+    contents = corpus_contents(cfg)
+    key = stage_key("prepare_data", cfg.data, corpus_versions, [m.key for m in models], contents)
     logger = run_logger()
 
     def build(tmp: Path, meta: dict) -> dict[str, float]:
         tokenizers = [load_tokenizer(m.path) for m in models]
         corpora = [CorpusTexts(c.name, c.domain, corpus_texts(c, cfg), c.heldout) for c in cfg.data.corpora]
+        if corpus_contents(cfg) != contents:  # stat only, unless a file changed
+            raise DataError("a corpus changed while prepare_data read it: run the pipeline again")
         prepared = prepare_documents(corpora, tokenizers=tokenizers, max_length=cfg.data.max_length,
                                      min_chars=cfg.data.min_chars, validation_fraction=cfg.data.validation_fraction,
                                      test_fraction=cfg.data.test_fraction, seed=cfg.data.seed)

@@ -10,6 +10,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from fusion_core.config import PipelineConfig
+from fusion_core.filehash import FileHashCache
 from fusion_core.loaders import resolve_model_folder
 from fusion_core.models import ModelLoadError, load_tokenizer, model_context_length, model_folder_key, model_vocab_size
 from fusion_core.vocab import vocabulary_problem
@@ -34,7 +35,15 @@ def resolve_model(ref, name: str, role: str, cfg: PipelineConfig, logger=None) -
         raise ModelLoadError(f"{role} {name!r}: {exc}") from None
     except ValueError as exc:  # unknown recipe and similar
         raise ModelLoadError(f"{role} {name!r}: {exc}") from None
-    return ResolvedModel(name=name, role=role, path=path, key=model_folder_key(path))
+    cache = FileHashCache.for_workspace(cfg.workspace.root)
+    try:
+        key = model_folder_key(path, trust_remote_code=getattr(ref, "trust_remote_code", False),
+                               allow_pickle=getattr(ref, "allow_pickle", False), cache=cache)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{role} {name!r}: {exc}") from None
+    finally:
+        cache.save()
+    return ResolvedModel(name=name, role=role, path=path, key=key)
 
 
 def check_vocabulary_sizes(path, tokenizer) -> None:

@@ -14,7 +14,7 @@ from tasks.tracking import TrackingContext, clean_metrics, log_dict_artifact, sa
 # Bump a stage's version when its output format or meaning changes: old outputs are then
 # not reused (the version is part of the stage fingerprint).
 STAGE_VERSIONS = {
-    "prepare_data": 2,  # 2: a test split (test.jsonl), held-out corpora
+    "prepare_data": 3,  # 2: a test split (test.jsonl), held-out corpora; 3: corpus contents in the key
     "align_vocabularies": 2,  # 2: labelled positions, marginalisation, report; the map rules have their own version
     "teacher_inference": 4,  # 2: marginal positions, label column; 3: shards with sidecars, token_ce; 4: nll_per_byte
     "fusion_training": 2,  # 2: per-byte scores, temperature once, feedback on the gate, exact-position objective
@@ -59,37 +59,55 @@ def stage_key(stage: str, section: Any, *inputs: Any) -> str:
 
 def run_stage(ctx: RunContext, stage: str, key: str, section: Any, build: Callable[[Path, dict], dict[str, float]],
               logger, after: Callable[[StageResult], None] | None = None, tags: dict[str, str] | None = None,
-              run_name: str | None = None) -> StageResult:
+              run_name: str | None = None, cleanup: Callable[[], None] | None = None,
+              lock_name: str = "") -> StageResult:
     """Reuse the stage's complete output for `key`, or build it; log either way in a nested run.
 
     build(tmp_dir, meta) writes the outputs into tmp_dir and returns metrics; it may add to
-    meta (kept in the manifest). `after(result)` runs inside the stage's MLflow run.
+    meta (kept in the manifest). A build holds the key's lock (StageOutput.claim): another run
+    building the same key waits for it, then reuses its output. `cleanup()` runs after a
+    successful build, still holding the lock (it may remove the build's work folders).
+    `lock_name` (default: the key) lets builds that must run at once share a key (the nodes of
+    one multi-node training). `after(result)` runs inside the stage's MLflow run.
     """
-    out = StageOutput(ctx.config.workspace.root, stage, key)
+    out = StageOutput(ctx.config.workspace.root, stage, key, lock_name)
     forced = stage in ctx.force_stages
     with stage_run(ctx.tracking, stage, tags={"stage_key": key, **(tags or {})}, run_name=run_name) as run:
         import mlflow
 
         mlflow.log_params(safe_params({stage: section}) if section is not None else {})
         start = time.perf_counter()
-        if out.complete() and not forced:
+
+        def reuse(note: str = "") -> StageResult:
             meta = out.meta
-            metrics = meta.get("metrics", {})
-            logger.info(f"{stage}: reusing completed output {key} ({out.path})")
+            logger.info(f"{stage}: reusing completed output {key} ({out.path}){note}")
             mlflow.set_tags({"reused": "true", "reused_from_run": meta.get("mlflow_run_id", "")})
-            result = StageResult(stage, key, out.path, True, metrics, time.perf_counter() - start)
+            return StageResult(stage, key, out.path, True, meta.get("metrics", {}), time.perf_counter() - start)
+
+        if out.complete() and not forced:
+            result = reuse()
         else:
-            if forced and out.path.exists():
-                logger.info(f"{stage}: recomputing {key} (forced)")
-            else:
-                logger.info(f"{stage}: computing {key}")
-            meta: dict[str, Any] = {"mlflow_run_id": run.info.run_id}
-            with out.building(meta) as tmp:
-                metrics = build(tmp, meta)
-                meta["metrics"] = clean_metrics(metrics)
-            mlflow.set_tag("reused", "false")
-            result = StageResult(stage, key, out.path, False, meta["metrics"], time.perf_counter() - start)
-            logger.info(f"{stage}: done in {result.seconds:.1f} s")
+            asked = time.time()
+            wait_note = (lambda owner: logger.info(f"waiting for {stage} {key}: another run ({owner}) is building it"))
+            with out.claim(on_wait=wait_note) as waited:
+                # Another run may have completed it meanwhile: reuse that, even when forced (it
+                # was computed after this run asked for it).
+                if out.complete() and (not forced or out.manifest().get("completed_at", 0) >= asked):
+                    result = reuse(", completed by another run" + (" while this one waited" if waited else ""))
+                else:
+                    if forced and out.path.exists():
+                        logger.info(f"{stage}: recomputing {key} (forced)")
+                    else:
+                        logger.info(f"{stage}: computing {key}")
+                    meta: dict[str, Any] = {"mlflow_run_id": run.info.run_id}
+                    with out.building(meta) as tmp:
+                        metrics = build(tmp, meta)
+                        meta["metrics"] = clean_metrics(metrics)
+                    if cleanup is not None:
+                        cleanup()
+                    mlflow.set_tag("reused", "false")
+                    result = StageResult(stage, key, out.path, False, meta["metrics"], time.perf_counter() - start)
+                    logger.info(f"{stage}: done in {result.seconds:.1f} s")
         mlflow.log_metrics(clean_metrics(result.metrics))
         mlflow.log_metric("stage_seconds", result.seconds)
         log_dict_artifact({"stage": stage, "key": key, "path": str(out.path), "reused": result.reused,

@@ -268,8 +268,8 @@ def teacher_inference(ctx: RunContext, data: StageResult, alignment: StageResult
         meta["work_folder"] = str(work)
         return metrics
 
-    result = run_stage(ctx, "teacher_inference", key, tcfg, build, logger)
-    work = cfg.workspace.root / "work" / "teacher_inference" / key
-    if work.exists() and not result.reused:
-        shutil.rmtree(work, ignore_errors=True)  # the stage output holds the shards now (hard links)
-    return result
+    def cleanup() -> None:  # still holding the key's lock: no other run is scoring into this folder
+        shutil.rmtree(cfg.workspace.root / "work" / "teacher_inference" / key, ignore_errors=True)
+
+    # The stage output holds the shards now (hard links): the work folder goes, after a build only.
+    return run_stage(ctx, "teacher_inference", key, tcfg, build, logger, cleanup=cleanup)

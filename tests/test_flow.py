@@ -262,3 +262,52 @@ def test_pipeline_trains_missing_references_and_measures_interference(tmp_path, 
     assert [r.info.run_name for r in again] == ["fusion_training"]  # the references were found, not retrained
     assert second["metrics"]["interference.bpb"] == pytest.approx(first["metrics"]["interference.bpb"])
     assert second["metrics"]["interference.bpb.hi"] == pytest.approx(first["metrics"]["interference.bpb.hi"])
+
+
+@pytest.mark.slow
+def test_changed_weights_or_corpus_at_the_same_path_recompute_every_stage(tmp_path, tiny_models, prefect_harness):
+    """A source whose weights change in place (same file, same size, mtime put back) and a corpus
+    rewritten at the same path are new inputs: every stage is recomputed, none reused stale. A new
+    run of the config also marks KILLED the runs a killed process of it left RUNNING."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+    from test_filehash import change_a_weight_in_place
+
+    copy = tmp_path / "models" / "byte_level"
+    shutil.copytree(tiny_models["byte_level"], copy)
+    path = write_tiny_pipeline(tmp_path, {**tiny_models, "byte_level": copy})
+    first = run_pipeline(path)
+    assert not any(s["reused"] for s in first["stages"].values())
+
+    weights = copy / "model.safetensors"
+    size = weights.stat().st_size
+    change_a_weight_in_place(weights)
+    assert weights.stat().st_size == size
+    # A run of this config killed earlier: its parent and stage run left RUNNING by a dead pid.
+    client = MlflowClient(tracking_uri=first["tracking_uri"])
+    exp = client.get_run(first["run_id"]).info.experiment_id
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    tags = {k: v for k, v in client.get_run(first["run_id"]).data.tags.items() if not k.startswith("mlflow.")}
+    orphan = client.create_run(exp, run_name="tiny-killed",
+                               tags={**tags, "host": socket.gethostname(), "pid": str(dead.pid)}).info.run_id
+    orphan_stage = client.create_run(exp, run_name="teacher_inference",
+                                     tags={"mlflow.parentRunId": orphan, "stage": "teacher_inference"}).info.run_id
+
+    second = run_pipeline(path)
+    assert not any(s["reused"] for s in second["stages"].values()), second["stages"]
+    assert all(second["stages"][n]["key"] != first["stages"][n]["key"] for n in first["stages"])
+    assert _stage_runs(second) == dict.fromkeys(first["stages"], "computed")
+    assert client.get_run(orphan).info.status == "KILLED"
+    assert client.get_run(orphan_stage).info.status == "KILLED"
+
+    corpus = tmp_path / "corpora" / "prose.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"Document {i}: a new text about foxes and dogs, "
+                                                  f"rewritten in place {i} times."}) + "\n" for i in range(30)))
+    third = run_pipeline(path)
+    assert not any(s["reused"] for s in third["stages"].values()), third["stages"]
+    assert third["stages"]["prepare_data"]["key"] != second["stages"]["prepare_data"]["key"]

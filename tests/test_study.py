@@ -124,3 +124,14 @@ def test_study_on_the_tiny_pipeline_tunes_reports_and_resumes(tmp_path, tiny_mod
     rerun = json.loads(open(json.loads(again.stdout)["json"]).read())["records"]
     assert all(r["computed"] == [] for r in rerun)
     assert json.loads(again.stdout)["analysis"]["scores"] == a["scores"]
+
+
+def test_a_journaled_run_is_keyed_by_the_contents_of_its_models_and_corpora(tmp_path, tiny_models):
+    from flows.study import plan_run
+
+    path = write_tiny_pipeline(tmp_path, tiny_models, **{"data.test_fraction": 0.25})
+    grid = parse_tuning("none")
+    same = plan_run(path, [], "final", "min_ce", 0, 0, grid, "inputs-a")
+    assert plan_run(path, [], "final", "min_ce", 0, 0, grid, "inputs-a").fingerprint == same.fingerprint
+    assert plan_run(path, [], "final", "min_ce", 0, 0, grid, "inputs-b").fingerprint != same.fingerprint
+    assert plan_run(path, [], "final", "min_ce", 1, 0, grid, "inputs-a").fingerprint != same.fingerprint
