@@ -1,5 +1,5 @@
-"""The `fusion` command line: run, rerun, validate, verify, schema, compare, promote, reproduce, schedule,
-schedules, serve."""
+"""The `fusion` command line: run, rerun, validate, verify, schema, export, compare, promote, reproduce,
+schedule, schedules, serve."""
 from __future__ import annotations
 
 import json
@@ -318,6 +318,35 @@ def _print_summary(s: dict) -> None:
         console.print(f"Evaluation report: {s['report'].get('markdown')}")
     console.print(f"MLflow tracking URI: {s['tracking_uri']}  (experiment {s['experiment']!r}, run {s['run_id']})")
     console.print(f"Registered model: {s['registered_model']} version {s['version']} (alias candidate)")
+    if s.get("model_dir"):
+        console.print(f"Trained model: {s['model_dir']}", soft_wrap=True)  # whole lines: to be copied
+        console.print(f"  as a folder plain transformers loads, with its model card: "
+                      f"fusion export {s['run_id']} --out DIR", soft_wrap=True)
+
+
+@app.command()
+def export(reference: str = typer.Argument(..., metavar="REFERENCE",
+                                           help="a pipeline run id (the summary's run), MODEL/VERSION "
+                                                "(fused-target/3) or MODEL@ALIAS (fused-target@candidate)"),
+           config: Optional[Path] = typer.Argument(None, help="a pipeline YAML naming the tracking store and the "
+                                                              "workspace (default configs/demo.yaml)"),
+           out: Path = typer.Option(..., "--out", help="the folder to write: new or empty"),
+           force: bool = typer.Option(False, "--force", help="replace --out when it is not empty"),
+           tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help=TRACKING_URI_HELP)) -> None:
+    """Write a trained model as a Hugging Face folder that plain transformers loads: its tokenizer adds
+    the start token the model was trained with, README.md is its model card."""
+    cfg, uri = _tracking(config, tracking_uri)
+    from flows.export import export_model
+
+    try:
+        with _stdout_for(True):  # MLflow's download bars and messages: stderr
+            done = export_model(reference, out, tracking_uri=uri, workspace=cfg.workspace.root, force=force)
+    except Exception as exc:
+        _fail(exc)
+    run = f", run {done.run_id}" if done.run_id else ""
+    typer.echo(f"exported {done.name} version {done.version}{run} to {done.out} (weights from {done.weights_from})")
+    typer.echo(f"load it: AutoModelForCausalLM.from_pretrained({str(done.out)!r}), "
+               f"AutoTokenizer.from_pretrained({str(done.out)!r}); the card: {done.out / 'README.md'}")
 
 
 class Format(str, Enum):

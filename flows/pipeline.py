@@ -39,6 +39,7 @@ class PipelineSummary:
     metrics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     report: dict[str, str] = field(default_factory=dict)
+    model_dir: str = ""  # the trained model's folder (`fusion export` writes it out with its card)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -144,7 +145,8 @@ def fusion_pipeline(config_path: str, from_stage: str | None = None, parent_run_
         registered_model=registered.name, version=registered.version,
         stages={n: {"reused": r.reused, "key": r.key, "seconds": round(r.seconds, 2), "path": str(r.path)}
                 for n, r in results.items()},
-        metrics=summary_eval.metrics, seconds=seconds, report=summary_eval.report)
+        metrics=summary_eval.metrics, seconds=seconds, report=summary_eval.report,
+        model_dir=str(training.path / "model"))
     return summary.to_dict()
 
 

@@ -124,7 +124,8 @@ def evaluate(ctx: RunContext, data: StageResult, training: StageResult,
             figures = "; ".join(f"{unit} {est.text()}" for unit, est in inter.units.items())
             logger.info(f"knowledge interference {figures} against {', '.join(inter.references)}; "
                         f"{inter.tasks_hurt} of {len(inter.tasks)} tasks hurt (report: {paths['markdown']})")
-        out.registered = register_target(ctx, training, result, logger, data_key=data.key)
+        out.registered = register_target(ctx, training, result, logger, data_key=data.key, data=data,
+                                         metrics=out.metrics, report_json=paths["json"])
         mlflow.set_tags({"registered_model": out.registered.name, "registered_version": out.registered.version})
 
     out.stage = run_stage(ctx, "evaluate", key, evaluation_section(ecfg), build, logger, after=after)
