@@ -59,10 +59,12 @@ def _fail(exc: BaseException, code: int = 1) -> None:
         traceback.print_exception(exc)
     from fusion_core.config import ConfigError
 
+    from fusion_core.redaction import redact
+
     if isinstance(exc, ConfigError):
-        typer.echo(str(exc), err=True)
+        typer.echo(redact(str(exc)), err=True)
     else:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = redact(str(exc).strip().splitlines()[0]) if str(exc).strip() else type(exc).__name__
         from fusion_core.errors import FusionError
 
         prefix = "error" if isinstance(exc, FusionError) else f"error ({type(exc).__name__})"
@@ -367,8 +369,10 @@ def _tracking(config: Optional[Path], tracking_uri: Optional[str]):
         config = default
     cfg = _load(config, check_paths=False)
     apply_defaults(cfg.workspace.root)
+    from fusion_core.redaction import remember_uri
     from tasks.tracking import tracking_uri as cfg_uri
 
+    remember_uri(tracking_uri)  # a config written with it masked (a rerun's) connects with it
     return cfg, tracking_uri or cfg_uri(cfg)
 
 

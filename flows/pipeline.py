@@ -14,7 +14,8 @@ from pathlib import Path
 from prefect import flow
 
 from fusion_core.config import PipelineConfig, config_to_yaml, load_config
-from fusion_core.workspace import fingerprint
+from fusion_core.redaction import install_log_redaction, mask_uri
+from fusion_core.workspace import fingerprint, workspace_umask
 from tasks.align_vocabularies import align_vocabularies
 from tasks.common import run_logger
 from tasks.evaluate import check_evaluation, evaluate
@@ -24,7 +25,7 @@ from tasks.references import reference_models
 from tasks.resolve_models import resolve_models
 from tasks.stage import STAGES, RunContext, with_retries
 from tasks.teacher_inference import teacher_inference
-from tasks.tracking import TrackingContext, ensure_experiment, safe_params, tracking_uri
+from tasks.tracking import TrackingContext, ensure_experiment, safe_params, safe_tags, tracking_uri
 
 
 @dataclass
@@ -77,13 +78,32 @@ def fusion_pipeline(config_path: str, from_stage: str | None = None, parent_run_
 
     `parent_run_id`: an MLflow run (of the same experiment) to nest this pipeline's run under
     (`fusion reproduce` does). `rerun_of`: the pipeline run this one reruns (`fusion rerun`):
-    the two runs are linked by tags (`rerun_of` here, `rerun_by` there)."""
+    the two runs are linked by tags (`rerun_of` here, `rerun_by` there).
+
+    What it writes gets the workspace's permissions (`workspace.umask`, default 0644 files and
+    0755 folders); secrets are masked in its logs, params, tags and written configs."""
+    start = time.perf_counter()
+    install_log_redaction()
+    cfg = load_config(config_path)
+    with workspace_umask(cfg.workspace.umask_bits):
+        return _pipeline(cfg, start, from_stage, parent_run_id, rerun_of)
+
+
+def log_run_config(client, run_id: str, cfg: PipelineConfig, uri: str, logger) -> None:
+    """Name the run and where it is tracked in the log, and log the config as the run's params and
+    its `config/resolved.yaml` artifact: URI credentials and the environment's secrets masked."""
+    logger.info(f"MLflow run {run_id} in experiment {cfg.tracking.experiment!r} at {mask_uri(uri)}")
+    for k, v in safe_params(cfg.model_dump(mode="json")).items():
+        client.log_param(run_id, k, v)
+    client.log_text(run_id, config_to_yaml(cfg), "config/resolved.yaml")
+
+
+def _pipeline(cfg: PipelineConfig, start: float, from_stage: str | None, parent_run_id: str | None,
+              rerun_of: str | None) -> dict:
     import mlflow
     from mlflow import MlflowClient
 
-    start = time.perf_counter()
     logger = run_logger()
-    cfg = load_config(config_path)
     force = stages_from(from_stage)
     cfg.workspace.root.mkdir(parents=True, exist_ok=True)
     check_corpora(cfg)  # cheap: fail on an empty corpus before any model is built
@@ -97,19 +117,16 @@ def fusion_pipeline(config_path: str, from_stage: str | None = None, parent_run_
 
     recover_dead_runs(client, experiment_id, fp, logger.info)  # runs of this config a kill left RUNNING
     parent = client.create_run(experiment_id, run_name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                               tags={"pipeline": cfg.name, "config_fingerprint": fp,
-                                     "strategy": cfg.fusion.strategy, **process_tags(),
-                                     **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}),
-                                     **({"rerun_of": rerun_of} if rerun_of else {})})
+                               tags=safe_tags({"pipeline": cfg.name, "config_fingerprint": fp,
+                                               "strategy": cfg.fusion.strategy, **process_tags(),
+                                               **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}),
+                                               **({"rerun_of": rerun_of} if rerun_of else {})}))
     run_id = parent.info.run_id
     if rerun_of:
         client.set_tag(rerun_of, "rerun_by", run_id)
-    logger.info(f"MLflow run {run_id} in experiment {cfg.tracking.experiment!r} at {uri}")
     try:
+        log_run_config(client, run_id, cfg, uri, logger)
         mlflow.set_tracking_uri(uri)
-        for k, v in safe_params(cfg.model_dump(mode="json")).items():
-            client.log_param(run_id, k, v)
-        client.log_text(run_id, config_to_yaml(cfg), "config/resolved.yaml")
         tracking = TrackingContext(uri=uri, experiment_id=experiment_id, parent_run_id=run_id)
 
         sources, target = resolve_models(cfg)
@@ -141,7 +158,7 @@ def fusion_pipeline(config_path: str, from_stage: str | None = None, parent_run_
         client.set_terminated(run_id, "FAILED")
         raise
     summary = PipelineSummary(
-        pipeline=cfg.name, tracking_uri=uri, experiment=cfg.tracking.experiment, run_id=run_id,
+        pipeline=cfg.name, tracking_uri=mask_uri(uri), experiment=cfg.tracking.experiment, run_id=run_id,
         registered_model=registered.name, version=registered.version,
         stages={n: {"reused": r.reused, "key": r.key, "seconds": round(r.seconds, 2), "path": str(r.path)}
                 for n, r in results.items()},
@@ -152,7 +169,9 @@ def fusion_pipeline(config_path: str, from_stage: str | None = None, parent_run_
 
 def write_resolved_config(cfg: PipelineConfig) -> Path:
     """The resolved config (defaults filled, paths absolute) as a YAML file in the workspace,
-    named by its fingerprint: what a run with --set overrides actually runs."""
+    named by its fingerprint: what a run with --set overrides actually runs. URI credentials are
+    masked in it (user:***@host): a run of it connects with the real URI of the config this
+    process loaded, $FUSION_TRACKING_URI or `${VARIABLE}` references (redaction.resolve_uri)."""
     from fusion_core.workspace import write_text_atomic
 
     text = config_to_yaml(cfg)

@@ -100,11 +100,13 @@ def prepare_rerun(tracking_uri: str, run_id: str, configs_dir: Path) -> Path:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from fusion_core.redaction import mask_uri
+
     client = MlflowClient(tracking_uri=tracking_uri)
     try:
         run = client.get_run(run_id)
     except MlflowException:
-        raise FusionError(f"no MLflow run {run_id!r} at {tracking_uri}") from None
+        raise FusionError(f"no MLflow run {run_id!r} at {mask_uri(tracking_uri)}") from None
     tags = run.data.tags
     if "stage" in tags or "config_fingerprint" not in tags:
         parent = tags.get("mlflow.parentRunId")

@@ -492,14 +492,49 @@ class OrchestrationConfig(Section):
 
 
 class TrackingConfig(Section):
-    tracking_uri: str | None = Field(None, description="None: embedded SQLite + artifact folder in the workspace")
+    tracking_uri: str | None = Field(
+        None, description="None: embedded SQLite + artifact folder in the workspace. A password may be written as "
+                          "${VARIABLE} (taken from the environment when connecting); it is masked (user:***@host) "
+                          "in MLflow params, logs and every written config")
     experiment: str = "llm-fusion"
     registered_model: str = Field("fused-target", pattern=r"^[A-Za-z0-9_.-]+$")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _remember(cls, v: str | None) -> str | None:
+        # The real URI of a loaded config is kept in this process: the configs written from it hold
+        # it masked, and connect with it (fusion_core.redaction.resolve_uri).
+        from fusion_core.redaction import remember_uri
+
+        remember_uri(v)
+        return v
 
 
 class WorkspaceConfig(Section):
     root: Path = Path("workspace")
     model_cache: Path | None = Field(None, description="converted/built models; default <root>/models")
+    umask: str = Field("022", pattern=r"^0?[0-7]{3}$",
+                       description='permission bits the pipeline keeps off what it writes (octal, quoted): "022" '
+                                   'gives 0644 files and 0755 folders, "002" lets the group write too (a shared '
+                                   'volume), "077" keeps everything private; others never get write permission')
+
+    @field_validator("umask", mode="before")
+    @classmethod
+    def _octal(cls, v: Any) -> Any:
+        # YAML reads an unquoted 022 as the octal integer 18: back to its digits.
+        return f"{v:03o}" if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @field_validator("umask")
+    @classmethod
+    def _others_never_write(cls, v: str) -> str:
+        if not int(v, 8) & 0o002:
+            raise ValueError(f"umask {v} would let every user write the workspace's files (and plant checkpoints "
+                             f"that training resumes from): use 022 (the default) or 002 (the group writes too)")
+        return v
+
+    @property
+    def umask_bits(self) -> int:
+        return int(self.umask, 8)
 
     @field_validator("root", "model_cache")
     @classmethod
@@ -725,8 +760,12 @@ def load_config(path: Path | str, *, check_paths: bool = True, overrides: Sequen
 
 
 def config_to_yaml(cfg: PipelineConfig) -> str:
-    """The resolved config (defaults filled, paths absolute) as YAML."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The resolved config (defaults filled, paths absolute) as YAML, for showing or writing: the
+    credentials of its URIs masked (user:***@host; see fusion_core.redaction.resolve_uri for how
+    a run of the written file connects)."""
+    from fusion_core.redaction import masked_config_data
+
+    return yaml.safe_dump(masked_config_data(cfg.model_dump(mode="json")), sort_keys=False)
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -13,6 +13,12 @@ uninterrupted run. Checkpoints go to `out_dir/checkpoints/step<N>` (DeepSpeed fo
 data position, token count and RNG state in client_state); the newest is resumed
 automatically when `train_target` starts again with the same out_dir.
 
+Resuming never runs code from a checkpoint: DeepSpeed's loads (which ask torch.load for
+weights_only=False) run with weights_only=True, which builds tensors, plain containers and the
+few DeepSpeed state classes its checkpoints hold, nothing else (`safe_checkpoint_loading`); and
+only from a checkpoint folder that this user owns and that no other user (nor, unless the
+workspace's umask lets the group write, the group) can write (`check_checkpoint_trust`).
+
 Outside a launcher, the function sets up a one-process gloo/nccl group on a free port and
 tears it down at the end (also on error), so it can be called repeatedly in one process.
 """
@@ -36,7 +42,7 @@ import numpy as np
 import torch
 
 from fusion_core.errors import FusionError
-from fusion_core.workspace import write_json_atomic
+from fusion_core.workspace import current_umask, write_json_atomic
 from fusion_core.fusion import (
     FusionExample, FusionModel, collate, oracle_routing, routing_report, selection_counts, source_count,
     strategy_from_config,
@@ -244,6 +250,96 @@ def _make_optimizer(module: torch.nn.Module, training, selector_lr: float | None
 
 # ---------------------------------------------------------------- checkpoints
 
+class CheckpointRefused(FusionError):
+    """A checkpoint folder that training does not resume from (untrusted owner, permissions or contents)."""
+
+
+def _deepspeed_state_classes() -> list:
+    """The DeepSpeed classes its checkpoints hold (the ZeRO optimizer's state): what torch.load's
+    weights_only unpickler may build besides tensors and plain containers."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+_WEIGHTS_ONLY_VARIABLES = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+
+
+@contextlib.contextmanager
+def safe_checkpoint_loading() -> Iterator[None]:
+    """Every torch.load in the block loads with weights_only=True, also DeepSpeed's, which asks for
+    weights_only=False (TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides that): tensors, plain containers
+    and `_deepspeed_state_classes`, never a function call or an arbitrary class. A file holding
+    anything else raises pickle.UnpicklingError before any of it runs."""
+    saved = {k: os.environ.get(k) for k in _WEIGHTS_ONLY_VARIABLES}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    try:
+        with torch.serialization.safe_globals(_deepspeed_state_classes()):
+            yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def check_checkpoint_trust(ckpt_dir: Path) -> str:
+    """The tag (step<N>) that `ckpt_dir/latest` names, once the folder, `latest`, identity.json
+    and every file of that tag are owned by this user and writable by no other user; writable by
+    the group only when this process's umask lets the group write (the workspace says it is
+    shared with the group: `workspace.umask: "002"`). Raises CheckpointRefused naming the path."""
+    import stat
+
+    ckpt_dir = Path(ckpt_dir)
+    uid = os.geteuid()
+    group_may_write = not current_umask() & 0o020
+    tag = (ckpt_dir / "latest").read_text().strip()
+    if not _TAG_RE.match(tag) or not (ckpt_dir / tag).is_dir():
+        raise CheckpointRefused(f"refusing to resume training from {ckpt_dir}: its `latest` file names {tag[:80]!r}, "
+                                f"not a step<N> folder in it; delete {ckpt_dir} to train from the start")
+    paths = [ckpt_dir, ckpt_dir / "latest", ckpt_dir / IDENTITY_FILE, ckpt_dir / tag,
+             *sorted((ckpt_dir / tag).rglob("*"))]
+    for p in paths:
+        try:
+            st = p.stat()  # a symbolic link is judged by what it points to: that is what would be loaded
+        except FileNotFoundError:
+            continue
+        mode = stat.S_IMODE(st.st_mode)
+        if st.st_uid != uid:
+            why = f"owned by user id {st.st_uid}, not by this user ({uid})"
+        elif mode & 0o002:
+            why = f"writable by every user (mode {mode:04o})"
+        elif mode & 0o020 and not group_may_write:
+            why = f"writable by its group (mode {mode:04o}) while the workspace's umask keeps the group from writing"
+        else:
+            continue
+        raise CheckpointRefused(
+            f"refusing to resume training from {ckpt_dir}: {p} is {why}. Checkpoints are loaded only from a folder "
+            f"this user owns and no one else can write. If this pipeline wrote them: `chmod -R go-w {ckpt_dir}` "
+            f"(as their owner); otherwise delete {ckpt_dir} to train from the start")
+    return tag
+
+
+def load_checkpoint_safely(engine, ckpt_dir: Path) -> tuple[str | None, dict | None]:
+    """engine.load_checkpoint of the newest checkpoint in `ckpt_dir`, after `check_checkpoint_trust`,
+    under `safe_checkpoint_loading`. Raises CheckpointRefused."""
+    import pickle
+
+    tag = check_checkpoint_trust(ckpt_dir)
+    with safe_checkpoint_loading():
+        try:
+            return engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        except pickle.UnpicklingError as exc:
+            lines = [line.strip() for line in str(exc).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+            raise CheckpointRefused(
+                f"refusing to resume training from {ckpt_dir}: checkpoint {tag} holds objects other than tensors "
+                f"and DeepSpeed's training state, which are never loaded ({lines[0] if lines else 'not unpickled'}); "
+                f"delete {ckpt_dir} to train from the start") from None
+
 def _checkpoint_tags(ckpt_dir: Path) -> list[tuple[int, str]]:
     if not ckpt_dir.is_dir():
         return []
@@ -372,7 +468,7 @@ def train_target(model_dir: Path, examples: Sequence[FusionExample], *, fusion, 
                 if diff:
                     raise ValueError(f"checkpoint in {ckpt_dir} was written for other data, batching or strategy "
                                      f"(saved, now): {diff}; use a new out_dir or delete the checkpoints")
-                path, client = engine.load_checkpoint(str(ckpt_dir))
+                path, client = load_checkpoint_safely(engine, ckpt_dir)
                 if path is None:
                     raise RuntimeError(f"could not load the latest checkpoint in {ckpt_dir}")
                 step = resumed_from = int(client["step"])

@@ -13,6 +13,11 @@ Builds of one key are serialised by an exclusive lock (fcntl.flock on
 `<root>/locks/<stage>/<key>.lock`, which names its holder): two runs of one config on one
 workspace, or two strategies sharing stages, never build the same output at once; the second
 waits and then reuses what the first completed.
+
+Permissions: the pipeline runs under the workspace's umask (`workspace.umask`, default 022:
+`workspace_umask`), and a completed output's files and folders are set to what that umask gives
+(0644 files, 0755 folders by default: `apply_modes`), also those a library created private
+(tempfile's 0600/0700).
 """
 from __future__ import annotations
 
@@ -72,6 +77,48 @@ def write_text_atomic(path: Path, text: str) -> None:
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to `path` through a temporary file and os.replace (never half-written)."""
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def current_umask() -> int:
+    """This process's umask, read without changing it (/proc) where the system allows."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+@contextlib.contextmanager
+def workspace_umask(umask: int) -> Iterator[None]:
+    """The process's umask set to `umask` (the workspace's) for the block, then restored."""
+    old = os.umask(umask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def apply_modes(folder: Path, umask: int | None = None) -> None:
+    """Give `folder` and everything in it the permissions `umask` (default: the process's) gives
+    to new files: folders and executable files 0777 & ~umask, other files 0666 & ~umask (0755 and
+    0644 under the default 022). Symbolic links, and files another user owns, are left alone."""
+    import stat
+
+    umask = current_umask() if umask is None else umask
+    folder = Path(folder)
+    for p in [folder, *folder.rglob("*")]:
+        st = p.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            continue
+        executable = stat.S_ISDIR(st.st_mode) or st.st_mode & stat.S_IXUSR
+        mode = (0o777 if executable else 0o666) & ~umask
+        if stat.S_IMODE(st.st_mode) != mode:
+            with contextlib.suppress(PermissionError):  # a file another user owns (a hard link)
+                os.chmod(p, mode)
 
 
 def build_manifest(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
@@ -253,6 +300,7 @@ class StageOutput:
             yield tmp
             meta.setdefault("stage", self.stage)
             meta.setdefault("key", self.key)
+            apply_modes(tmp)  # the workspace's permissions, also for what a library made private
             write_json_atomic(tmp / MANIFEST, build_manifest(tmp, meta))
             if final.exists():  # an invalid earlier output: replace it
                 shutil.rmtree(final)

@@ -10,23 +10,30 @@ from typing import Any, Iterator, Mapping
 
 from fusion_core.config import PipelineConfig, flatten
 from fusion_core.evaluation import sanitize_metric_name
-
-
-SERVER_URI_VARIABLE = "FUSION_TRACKING_URI"
+from fusion_core.redaction import SERVER_URI_VARIABLE, mask_uri, redact, redact_mapping, resolve_uri, secret_values
 
 
 def tracking_uri(cfg: PipelineConfig) -> str:
     """The config's tracking URI, else $FUSION_TRACKING_URI (the workspace's `fusion server`, set
     by flows.env.apply_defaults while it runs), else the embedded default: a SQLite file inside
     the workspace. Not $MLFLOW_TRACKING_URI: mlflow.set_tracking_uri() writes that variable, so
-    in a process that ran one pipeline it names that pipeline's store."""
+    in a process that ran one pipeline it names that pipeline's store.
+
+    This is the real URI, to connect with: show `shown_tracking_uri(cfg)` (credentials masked).
+    A config's `${VARIABLE}` references are expanded, and the masked password of a config fusion
+    wrote is recovered (fusion_core.redaction.resolve_uri)."""
     if cfg.tracking.tracking_uri:
-        return cfg.tracking.tracking_uri
+        return resolve_uri(cfg.tracking.tracking_uri)
     if os.environ.get(SERVER_URI_VARIABLE):
         return os.environ[SERVER_URI_VARIABLE]
     db = cfg.workspace.root / "mlflow" / "mlflow.db"
     db.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{db}"
+
+
+def shown_tracking_uri(cfg: PipelineConfig) -> str:
+    """The tracking URI as logs and summaries show it: credentials masked."""
+    return mask_uri(tracking_uri(cfg))
 
 
 def artifact_location(cfg: PipelineConfig) -> str | None:
@@ -55,8 +62,15 @@ def clean_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, flo
 
 
 def safe_params(data: Any) -> dict[str, str]:
-    """Flattened params, values cut to MLflow's 6000-character limit."""
-    return {sanitize_metric_name(k): str(v)[:6000] for k, v in flatten(data).items()}
+    """Flattened params, values cut to MLflow's 6000-character limit, with URI credentials and the
+    environment's secret values masked (fusion_core.redaction)."""
+    secrets = secret_values()
+    return {sanitize_metric_name(k): redact(str(v), secrets)[:6000] for k, v in flatten(data).items()}
+
+
+def safe_tags(tags: Mapping[str, Any]) -> dict[str, str]:
+    """MLflow tags with URI credentials and the environment's secret values masked."""
+    return redact_mapping({k: str(v) for k, v in tags.items()})
 
 
 @dataclass(frozen=True)
@@ -74,7 +88,7 @@ def stage_run(ctx: TrackingContext, stage: str, tags: Mapping[str, str] | None =
 
     mlflow.set_tracking_uri(ctx.uri)
     with mlflow.start_run(run_name=run_name or stage, experiment_id=ctx.experiment_id, parent_run_id=ctx.parent_run_id,
-                          nested=True, tags={"stage": stage, **(tags or {})}) as run:
+                          nested=True, tags=safe_tags({"stage": stage, **(tags or {})})) as run:
         yield run
 
 
