@@ -179,3 +179,24 @@ def pair_tables(tiny_tokenizers, smollm2, bert):
         return cache[a, b]
 
     return get
+
+
+@pytest.fixture(autouse=True)
+def _log_handlers_on_open_streams():
+    """After each test, point any log handler whose stream was closed (a CLI runner's captured
+    stderr, once its invocation ended) back at the process's stderr: a flow run in a later test
+    would otherwise fail writing its first log line, whichever test set Prefect's logging up."""
+    yield
+    import logging
+    import sys
+
+    loggers = [logging.getLogger()] + [v for v in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(v, logging.Logger)]
+    for lg in loggers:
+        for h in lg.handlers:
+            console = getattr(h, "console", None)
+            if console is not None and getattr(console.file, "closed", False):
+                console.file = sys.__stderr__
+            stream = getattr(h, "stream", None)
+            if stream is not None and getattr(stream, "closed", False) and isinstance(h, logging.StreamHandler):
+                h.stream = sys.__stderr__   # not setStream: it would flush the closed stream first
