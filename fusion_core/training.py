@@ -129,6 +129,15 @@ def _data_fingerprint(examples: Sequence[FusionExample]) -> str:
 
 # ---------------------------------------------------------------- process group
 
+def _restore_environ(saved: dict[str, str | None]) -> None:
+    """Put environment variables back as they were (None: it was not set)."""
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -163,11 +172,7 @@ def _distributed() -> Iterator[None]:
             if dist.is_initialized():
                 dist.destroy_process_group()
         finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+            _restore_environ(saved)
 
 
 def _prepare_environment() -> None:
@@ -280,11 +285,7 @@ def safe_checkpoint_loading() -> Iterator[None]:
         with torch.serialization.safe_globals(_deepspeed_state_classes()):
             yield
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _restore_environ(saved)
 
 
 def check_checkpoint_trust(ckpt_dir: Path) -> str:
