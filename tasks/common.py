@@ -70,9 +70,9 @@ class TokenProgress:
 
         secs = time.perf_counter() - self._start
         rate = self.done / secs if secs > 0 else 0.0
-        left = (self.total - self.done) / rate if rate > 0 else float("inf")
+        left = max(0, self.total - self.done) / rate if rate > 0 else float("inf")
         eta = "?" if left == float("inf") else f"{int(left // 60)} min {int(left % 60):02d} s"
-        share = self.done / self.total if self.total else 1.0
+        share = min(1.0, self.done / self.total) if self.total else 1.0
         return (f"{self.name}: {self.done:,}/{self.total:,} {self.unit} ({share:.0%}), {rate:,.{0 if rate >= 10 else 2}f} "
                 f"{self.unit}/s, ETA {eta}")
 
@@ -81,6 +81,12 @@ class TokenProgress:
 
         with self._lock:
             self.done += int(tokens)
+            if self.done > self.total:
+                # the total was an estimate (teacher tokens are estimated from a sample) and it was
+                # low: grow it, so the share never passes 100 % nor the ETA goes negative
+                self.total = self.done
+                if self._bar is not None:
+                    self._bar.update(self._task, total=self.total)
             now = time.perf_counter()
             if self._bar is not None:
                 secs = now - self._start
