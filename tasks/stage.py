@@ -108,7 +108,9 @@ def run_stage(ctx: RunContext, stage: str, key: str, section: Any, build: Callab
                     mlflow.set_tag("reused", "false")
                     result = StageResult(stage, key, out.path, False, meta["metrics"], time.perf_counter() - start)
                     logger.info(f"{stage}: done in {result.seconds:.1f} s")
-        mlflow.log_metrics(clean_metrics(result.metrics))
+        # at the stage's last step when it has steps (training): a summary logged at step 0 would
+        # put a false first point at the start of every training chart
+        mlflow.log_metrics(clean_metrics(result.metrics), step=int(result.metrics.get("steps", 0) or 0))
         mlflow.log_metric("stage_seconds", result.seconds)
         log_dict_artifact({"stage": stage, "key": key, "path": str(out.path), "reused": result.reused,
                            "metrics": result.metrics}, f"{stage}.json")
