@@ -186,13 +186,9 @@ def process_alive(pid: int, start_ticks: int | None = None) -> bool:
     if proc is not None and proc.poll() is not None:
         return False
     if not Path("/proc").is_dir():  # not Linux: no start time to compare
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        from fusion_core.workspace import pid_alive
+
+        return pid_alive(pid)
     fields = _proc_stat(pid)
     if fields is None or fields[0] in ("Z", "X"):
         return False
